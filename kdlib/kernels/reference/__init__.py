@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: short, obviously right, the specification each fast kernel is tested against."""

@@ -1,0 +1,1 @@
+"""kdlib.objectives"""
