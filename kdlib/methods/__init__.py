@@ -1,1 +1,4 @@
-"""kdlib.methods"""
+"""Distillation methods, one file each, registered by name (``kdlib.core.method.METHODS``).
+
+Modules here are imported on the first registry lookup, so adding a method is adding a file.
+"""

@@ -1,0 +1,168 @@
+"""The ``kdlib`` command.
+
+    kdlib info                                   versions, native extension, Triton, GPUs
+    kdlib distill <domain> [--recipe NAME|PATH] [key=value ...]
+    kdlib resume <run_dir>                       continue a stopped run exactly where it was
+    kdlib eval <run_dir>                         re-evaluate a run's teacher and students
+    kdlib bench <name> [args ...]                run benchmarks/<name>.py (source checkout)
+
+Multi-GPU / multi-node: launch the same command under torchrun, e.g.
+``torchrun --nproc-per-node 8 -m kdlib.cli distill image``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
+
+def cmd_info(_: argparse.Namespace) -> int:
+    import torch
+
+    from kdlib import __version__, _ext
+    from kdlib.kernels._dispatch import triton_available
+
+    lines = [
+        f"kdlib      {__version__}",
+        f"python     {platform.python_version()}",
+        f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+    ]
+    if triton_available():
+        import triton
+
+        lines.append(f"triton     {triton.__version__}")
+    else:
+        lines.append("triton     not installed: GPU kernels fall back to PyTorch (pip install triton)")
+    native = _ext.native()
+    if native is None:
+        lines.append(f"kdlib._C   NOT BUILT ({_ext.load_error()})")
+        lines.append("           slower without it: the fused EMA update (torch._foreach_lerp_ runs instead)")
+        lines.append(f"           {_ext.BUILD_HINT}")
+    else:
+        cuda = "with CUDA kernels" if _ext.has_cuda_ops() else "CPU ops only (torch without CUDA, or nvcc absent at build)"
+        lines.append(f"kdlib._C   built, {cuda}: {Path(native.__file__).name}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"gpu {i}      {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+    else:
+        lines.append("gpus       none seen (CPU only)")
+    print("\n".join(lines))
+    return 0
+
+
+def _print_results(run_dir: Path, results: dict) -> None:
+    from kdlib.core.report import format_table, results_rows
+
+    header, rows = results_rows(results)
+    print(format_table(header, rows))
+    print(f"\nrun directory: {run_dir}\nreport:        {run_dir / 'report.md'}")
+
+
+def _init_dist(device_name: str) -> None:
+    from kdlib.core import distributed
+    from kdlib.core.trainer import resolve_device
+
+    distributed.init_distributed(resolve_device(device_name).type)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kdlib.core import distributed
+    from kdlib.core.domain import DOMAINS
+    from kdlib.core.experiment import Experiment, create_run_dir
+    from kdlib.core.run_config import load_run_config
+
+    domain_cls = DOMAINS.get(args.domain)
+    recipe = domain_cls.recipe_path(args.recipe)
+    cfg = load_run_config(recipe, args.overrides, domain=args.domain)
+    _init_dist(cfg.train.device)
+    run_dir = create_run_dir(cfg, recipe)
+    if distributed.current().is_main:
+        print(f"kdlib: {args.domain} / {cfg.method}, recipe {recipe}, run directory {run_dir}", flush=True)
+    results = Experiment(run_dir, cfg).run()
+    if distributed.current().is_main:
+        _print_results(run_dir, results)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from kdlib.core import distributed
+    from kdlib.core.experiment import Experiment, load_run
+
+    cfg = load_run(args.run_dir)
+    _init_dist(cfg.train.device)
+    results = Experiment(args.run_dir, cfg).run()
+    if distributed.current().is_main:
+        _print_results(Path(args.run_dir), results)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdlib.core.experiment import Experiment
+
+    results = Experiment(args.run_dir).evaluate_saved()
+    _print_results(Path(args.run_dir), results)
+    return 0
+
+
+def benchmarks_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    folder = benchmarks_dir()
+    script = folder / f"{args.name.replace('-', '_')}.py"
+    if not script.exists():
+        available = sorted(p.stem.replace("_", "-") for p in folder.glob("*.py")) if folder.exists() else []
+        print(
+            f"kdlib bench: no benchmark {args.name!r}"
+            + (f" (available: {', '.join(available)})" if available else " (benchmarks ship with the source checkout)"),
+            file=sys.stderr,
+        )
+        return 2
+    spec = importlib.util.spec_from_file_location(f"kdlib_bench_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(args.args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdlib", description="Distill big, slow models into small, fast ones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, native extension, Triton and GPUs").set_defaults(func=cmd_info)
+    p = sub.add_parser("distill", help="run a distillation recipe of a domain")
+    p.add_argument("domain")
+    p.add_argument("--recipe", default=None, help="recipe name in the domain's recipes/ folder, or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=200 seeds=[0,1]")
+    p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("resume", help="continue a stopped run from its newest checkpoint")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("eval", help="evaluate a run's teacher and final students again")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdlib.core.checkpoint import CheckpointError
+    from kdlib.core.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"kdlib: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

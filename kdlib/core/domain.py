@@ -1,0 +1,85 @@
+"""The Domain interface and its registry.
+
+A Domain supplies everything domain-specific: data (loaded offline), the teacher and student
+networks, how to evaluate them, and its recipes. Built-in domains live in the top-level
+``domains`` package and register themselves on import; kdlib itself never imports them except
+through this registry's loader, so the dependency stays one-way (domains -> kdlib).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlib.core.data import TensorDataset
+from kdlib.core.method import NoConfig
+from kdlib.core.registry import Registry
+
+BUILTIN_DOMAINS = ("image", "video", "speech", "shape3d", "robot", "llm")
+
+
+def _import_builtin_domains() -> None:
+    for name in BUILTIN_DOMAINS:
+        try:
+            importlib.import_module(f"domains.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name not in (f"domains.{name}", "domains"):
+                raise  # a domain that exists but misses a dependency must say so
+
+
+DOMAINS: Registry[type[Domain]] = Registry("domain", loader=_import_builtin_domains)
+register_domain = DOMAINS.register
+
+
+class Domain:
+    """Base class. Subclasses set ``DataConfig``/``ModelConfig`` dataclasses and ``recipes_dir``."""
+
+    name: str = "domain"
+    DataConfig: type = NoConfig
+    ModelConfig: type = NoConfig
+    recipes_dir: Path | None = None
+    default_recipe: str = "default"
+    # The metric that decides "better" in reports, and whether larger is better.
+    primary_metric: tuple[str, bool] = ("loss", False)
+
+    def __init__(self, data_config: Any, model_config: Any):
+        self.data_config = data_config
+        self.model_config = model_config
+
+    def datasets(self) -> dict[str, TensorDataset]:
+        """At least ``train``; other splits (``val``, ``test``) are evaluated."""
+        raise NotImplementedError
+
+    def build_teacher(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_student(self) -> nn.Module:
+        raise NotImplementedError
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training-time augmentation of a batch (uses the global torch RNG, which checkpoints
+        save). Default: none."""
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: TensorDataset) -> dict[str, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def recipe_path(cls, name: str | None) -> Path:
+        """A recipe by name (``classifier-kd``) from the domain's folder, or a path as given."""
+        name = name or cls.default_recipe
+        candidate = Path(name)
+        if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+            return candidate
+        if cls.recipes_dir is None:
+            raise FileNotFoundError(f"domain {cls.name!r} has no recipes folder; pass a recipe file path")
+        path = cls.recipes_dir / f"{name}.yaml"
+        if not path.exists():
+            available = sorted(p.stem for p in cls.recipes_dir.glob("*.yaml"))
+            raise FileNotFoundError(f"domain {cls.name!r} has no recipe {name!r} (available: {', '.join(available)})")
+        return path

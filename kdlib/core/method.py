@@ -1,0 +1,67 @@
+"""The Method interface and its registry.
+
+A Method is one distillation algorithm. It sees tensors and callables (the Teacher, the Student
+and any extra trainable networks it declares), never domain code. The Trainer asks it which
+parameter groups to update at each step (``update_groups``: e.g. DMD2's several critic updates per
+generator update) and for the loss of each group on a batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlib.core.models import Student, Teacher
+from kdlib.core.registry import Registry
+
+
+@dataclass
+class NoConfig:
+    """For methods and domains without options of their own."""
+
+
+def _import_builtin_methods() -> None:
+    import kdlib.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+METHODS: Registry[type[Method]] = Registry("method", loader=_import_builtin_methods)
+register_method = METHODS.register
+
+
+class Method:
+    """Base class. Subclasses set ``Config`` (a dataclass of their options) and implement ``loss``.
+
+    ``needs_teacher = False`` marks methods that train without one (plain supervised training,
+    the no-teacher baseline, consistency training).
+    """
+
+    name: str = "method"
+    Config: type = NoConfig
+    needs_teacher: bool = True
+
+    def __init__(self, config: Any, student: Student, teacher: Teacher | None):
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.name!r} needs a teacher")
+        self.config = config
+        self.student = student
+        self.teacher = teacher
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Parameter groups by name; each gets its own optimizer. Default: the student alone."""
+        return {"student": self.student.model}
+
+    def update_groups(self, step: int) -> list[str]:
+        """Which groups take an optimizer step at ``step`` (in order). Default: every group."""
+        return list(self.trainable_modules())
+
+    def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss for ``group`` on ``batch``, and named values to log."""
+        raise NotImplementedError

@@ -1,0 +1,123 @@
+"""The configuration of a distillation run: what every recipe YAML fills.
+
+Top-level keys: ``domain``, ``method``, ``seeds``, ``baseline``, ``runs_dir``, and the sections
+``train`` (the student's loop), ``teacher`` (where the teacher comes from and, if the recipe trains
+it, its loop), ``data`` and ``model`` (typed by the domain) and ``method_args`` (typed by the
+method). ``resolve_config`` builds the specialised dataclass and checks every key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kdlib.core.config import ConfigError, build, deep_merge, load_yaml, parse_overrides
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 64  # global: split evenly across torchrun processes
+    grad_accum: int = 1  # micro-batches per optimizer step; each has batch_size / grad_accum examples
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decays: list[float] = field(default_factory=list)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
+    log_every: int = 10
+    device: str = "auto"  # auto: cuda if available, else cpu
+    progress: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    # A safetensors file with the teacher's weights (e.g. teacher.safetensors of an earlier run);
+    # when unset the run trains its teacher with ``train`` first.
+    path: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class RunConfigBase:
+    domain: str = ""
+    method: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # Also train the same student on the same data, steps and seed without the teacher, and
+    # report both: the only honest way to show what distillation bought.
+    baseline: bool = True
+    baseline_method: str = "supervised"
+    runs_dir: str = "runs"
+    name: str | None = None  # run folder name; default <domain>-<method>-<time>
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
+    """Build the run config for ``raw``: top level checked, ``data``/``model`` typed by the
+    domain, ``method_args`` typed by the method. Raises ConfigError naming ``source``."""
+    from kdlib.core.domain import DOMAINS
+    from kdlib.core.method import METHODS
+
+    for key in ("domain", "method"):
+        if not isinstance(raw.get(key), str) or not raw.get(key):
+            raise ConfigError(f"{source}: the recipe must name a {key} (e.g. {key}: ...)")
+    try:
+        domain_cls = DOMAINS.get(raw["domain"])
+        method_cls = METHODS.get(raw["method"])
+        if raw.get("baseline", True):
+            METHODS.get(raw.get("baseline_method", "supervised"))
+    except KeyError as exc:
+        raise ConfigError(f"{source}: {exc.args[0]}") from None
+    cls = dataclasses.make_dataclass(
+        "RunConfig",
+        [
+            ("data", domain_cls.DataConfig, field(default_factory=domain_cls.DataConfig)),
+            ("model", domain_cls.ModelConfig, field(default_factory=domain_cls.ModelConfig)),
+            ("method_args", method_cls.Config, field(default_factory=method_cls.Config)),
+        ],
+        bases=(RunConfigBase,),
+    )
+    cfg = build(cls, raw, source=source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: Any, source: str) -> None:
+    for name, train in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
+        for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(train, key) < 1:
+                raise ConfigError(f"{source}: {name}.{key} must be >= 1, got {getattr(train, key)}")
+        if train.batch_size % train.grad_accum:
+            raise ConfigError(
+                f"{source}: {name}.batch_size={train.batch_size} must be divisible by "
+                f"{name}.grad_accum={train.grad_accum}"
+            )
+        for d in train.ema_decays:
+            if not 0.0 < d < 1.0:
+                raise ConfigError(f"{source}: {name}.ema_decays entries must be in (0, 1), got {d}")
+    if not cfg.seeds:
+        raise ConfigError(f"{source}: seeds must list at least one seed")
+
+
+def load_run_config(recipe: str | Path, overrides: list[str] | None = None, *, domain: str | None = None) -> Any:
+    """Recipe file + ``key=value`` overrides -> checked run config."""
+    raw = load_yaml(recipe)
+    if domain is not None:
+        raw.setdefault("domain", domain)
+        if raw["domain"] != domain:
+            raise ConfigError(f"recipe {recipe} is for domain {raw['domain']!r}, not {domain!r}")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    source = f"recipe {recipe}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
+    return resolve_config(raw, source=source)

@@ -1,0 +1,70 @@
+"""Flattening training state (optimizer, RNG) into safetensors tensors plus JSON metadata.
+
+torch's own ``state_dict`` of an optimizer is a nested mix of tensors and Python values; saving it
+with ``torch.save`` would need pickle to load. Here tensors go to the safetensors file under
+prefixed keys and everything else to JSON, and the two are put back together on load.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def flatten_state(prefix: str, state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into ``tensors`` (key ``prefix/path``), return the
+    JSON-able skeleton with ``{"__tensor__": key}`` placeholders."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state
+        return {"__tensor__": prefix}
+    if isinstance(state, dict):
+        # Pairs, not a JSON object: optimizer states are keyed by int parameter ids, which JSON
+        # object keys would turn into strings.
+        return {"__dict__": [[k, flatten_state(f"{prefix}/{k}", v, tensors)] for k, v in state.items()]}
+    if isinstance(state, list | tuple):
+        return {"__list__": [flatten_state(f"{prefix}/{i}", v, tensors) for i, v in enumerate(state)]}
+    return state
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__list__" in skeleton:
+            return [unflatten_state(v, tensors) for v in skeleton["__list__"]]
+    return skeleton
+
+
+def capture_rng(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The state of every random number generator a run uses: torch (CPU and each CUDA device),
+    numpy's global generator and Python's ``random``."""
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
+
+
+def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"rng/cuda/{i}"] for i in range(meta.get("cuda_devices", 0)) if f"rng/cuda/{i}" in tensors]
+        if states and len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    n = meta["numpy"]
+    keys = tensors["rng/numpy"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))

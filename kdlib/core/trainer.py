@@ -1,0 +1,299 @@
+"""The training loop every method runs in.
+
+Per step: for each parameter group the method updates at this step, one global batch (split over
+ranks, then into ``grad_accum`` micro-batches) -> loss -> backward -> non-finite guard -> clip ->
+optimizer and schedule step; then EMA. Evaluation, logging and checkpoints at their intervals.
+
+Guarantees:
+- exact resume: a checkpoint holds model, EMA, optimizer, schedule, every RNG and the data
+  position, so a run killed at any moment and resumed ends bit-identical (CPU) to one that was not;
+- a non-finite loss or gradient skips the update (logged and warned), ``max_nonfinite_steps`` in a
+  row abort the run, and a non-finite checkpoint is never written;
+- under torchrun, DistributedDataParallel over each trainable group; the main process alone
+  writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kdlib.core import checkpoint as ckpt
+from kdlib.core import distributed
+from kdlib.core.data import BatchOrder, TensorDataset
+from kdlib.core.method import Method
+from kdlib.core.metrics_log import MetricsLog
+from kdlib.core.run_config import TrainConfig
+from kdlib.core.state import capture_rng, flatten_state, restore_rng, unflatten_state
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Runs ``method`` on ``data`` for ``cfg.steps`` steps, checkpointing into ``stage_dir``.
+
+    ``evaluate(step)`` returns metrics (called on the main process only); ``augment(batch)``
+    transforms each micro-batch. ``fit()`` resumes from the newest valid checkpoint if any.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        data: TensorDataset,
+        cfg: TrainConfig,
+        *,
+        stage_dir: str | Path,
+        seed: int,
+        evaluate: Callable[[int], dict[str, float]] | None = None,
+        augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        description: str = "train",
+    ):
+        self.method = method
+        self.cfg = cfg
+        self.stage_dir = Path(stage_dir)
+        self.evaluate = evaluate
+        self.augment = augment
+        self.description = description
+        self.dist = distributed.current()
+        self.device = next(method.student.model.parameters()).device
+        self.data = data.to(self.device)
+        if cfg.batch_size % (self.dist.world_size * cfg.grad_accum):
+            raise ValueError(
+                f"batch_size={cfg.batch_size} must be divisible by world_size*grad_accum="
+                f"{self.dist.world_size}*{cfg.grad_accum}"
+            )
+        self.order = BatchOrder(size=len(data), batch_size=cfg.batch_size, seed=seed)
+        self.modules = method.trainable_modules()
+        self.wrapped = {name: self._wrap(name, m) for name, m in self.modules.items()}
+        self.optimizers = {
+            name: _make_optimizer([p for p in m.parameters() if p.requires_grad], cfg)
+            for name, m in self.modules.items()
+        }
+        self.schedules = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg)) for name, opt in self.optimizers.items()
+        }
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        )
+        self.log = MetricsLog(self.stage_dir, stage=description, enabled=self.dist.is_main)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _wrap(self, name: str, module: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return module
+        wrapped = DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
+        if name == "student":
+            self.method.student.forward_module = wrapped
+        return wrapped
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"optimizers": {}, "schedules": {}}
+        for name, module in self.modules.items():
+            for key, value in module.state_dict().items():
+                tensors[f"model/{name}/{key}"] = value
+            meta["optimizers"][name] = flatten_state(f"optim/{name}", self.optimizers[name].state_dict(), tensors)
+            meta["schedules"][name] = self.schedules[name].state_dict()
+        for i, ema in enumerate(self.method.student.ema):
+            for key, value in ema.state_dict().items():
+                tensors[f"ema/{i}/{key}"] = value
+        meta["rng"] = capture_rng(tensors)
+        meta["data_order"] = self.order.state()
+        meta["nonfinite_in_a_row"] = self.nonfinite_in_a_row
+        meta["ema_decays"] = self.method.student.ema_decays
+        return tensors, meta
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            tensors, meta = self.state_tensors()
+            ckpt.save_checkpoint(self.stage_dir / "checkpoints", self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
+        distributed.barrier()
+
+    def _load_module(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+
+    def restore(self) -> bool:
+        """Load the newest valid checkpoint of this stage, if any; True if one was loaded."""
+        found = ckpt.latest_checkpoint(self.stage_dir / "checkpoints")
+        if found is None:
+            return False
+        tensors, meta = found.tensors, found.meta
+        if meta.get("ema_decays") != self.method.student.ema_decays:
+            raise ckpt.CheckpointError(
+                f"checkpoint {found.path} has EMA decays {meta.get('ema_decays')}, the config asks for "
+                f"{self.method.student.ema_decays}"
+            )
+        for name, module in self.modules.items():
+            self._load_module(module, f"model/{name}/", tensors)
+            state = unflatten_state(meta["optimizers"][name], tensors)
+            self.optimizers[name].load_state_dict(state)
+            self.schedules[name].load_state_dict(meta["schedules"][name])
+        for i, ema in enumerate(self.method.student.ema):
+            self._load_module(ema, f"ema/{i}/", tensors)
+        restore_rng(meta["rng"], tensors)
+        self.order.load_state(meta["data_order"])
+        self.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
+        self.step = found.step
+        if self.dist.is_main:
+            self.log.truncate_after(self.step)
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        index = self.order.next_local(self.dist.rank, self.dist.world_size).to(self.device)
+        batch = self.data.batch(index)
+        chunks = [
+            {k: v.chunk(self.cfg.grad_accum)[i] for k, v in batch.items()} for i in range(self.cfg.grad_accum)
+        ]
+        return [self.augment(c) if self.augment else c for c in chunks]
+
+    def _update(self, group: str) -> dict[str, float]:
+        """One optimizer step of ``group``; returns what to log (``skipped`` if non-finite)."""
+        opt = self.optimizers[group]
+        opt.zero_grad(set_to_none=True)
+        wrapped = self.wrapped[group]
+        micro = self._micro_batches()
+        loss_sum = 0.0
+        logged: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not isinstance(wrapped, DistributedDataParallel)
+            with (nullcontext() if sync else wrapped.no_sync()), self.autocast():
+                loss, values = self.method.loss(batch, group)
+            (loss / len(micro)).backward()
+            loss_sum += float(loss.detach()) / len(micro)
+            for k, v in values.items():
+                logged[k] = logged.get(k, 0.0) + float(v) / len(micro)
+        params = [p for p in self.modules[group].parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        logged[f"{group}/loss"] = loss_sum
+        logged[f"{group}/grad_norm"] = grad_norm
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            logged["skipped"] = 1.0
+            return logged
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, torch.tensor(grad_norm))
+        opt.step()
+        self.schedules[group].step()
+        logged[f"{group}/lr"] = self.schedules[group].get_last_lr()[0]
+        return logged
+
+    def _guard(self, skipped: bool, logged: dict[str, float]) -> None:
+        if not skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.log.log(self.step, {"nonfinite_skipped": 1, **{k: v for k, v in logged.items() if k != "skipped"}})
+        warnings.warn(
+            f"{self.description}: step {self.step} had a non-finite loss or gradient; update skipped "
+            f"({self.nonfinite_in_a_row} in a row, limit {self.cfg.max_nonfinite_steps})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.description}: {self.nonfinite_in_a_row} consecutive steps with a non-finite loss or "
+                f"gradient at step {self.step}; aborting. The last good checkpoint is in "
+                f"{self.stage_dir / 'checkpoints'}. Lower train.lr, raise train.grad_clip, or check the data."
+            )
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``cfg.steps`` (resuming if a checkpoint exists); returns the final evaluation."""
+        self.restore()
+        progress = None
+        if self.cfg.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.cfg.steps, initial=self.step, desc=self.description, leave=False)
+        window: dict[str, list[float]] = {}
+        for module in self.modules.values():
+            module.train()
+        try:
+            while self.step < self.cfg.steps:
+                logged: dict[str, float] = {}
+                skipped = False
+                for group in self.method.update_groups(self.step):
+                    values = self._update(group)
+                    skipped = skipped or bool(values.pop("skipped", 0.0))
+                    logged.update(values)
+                self.step += 1
+                self._guard(skipped, logged)
+                if not skipped and "student" in self.modules:
+                    self.method.student.update_ema()
+                for k, v in logged.items():
+                    window.setdefault(k, []).append(v)
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    means = distributed.all_reduce_mean(means, self.device)
+                    self.log.log(self.step, means)
+                    if progress is not None:
+                        loss_keys = [k for k in means if k.endswith("/loss")]
+                        progress.set_postfix({k.split("/")[0]: f"{means[k]:.4f}" for k in loss_keys})
+                    window = {}
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
+                    self._evaluate()
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                    self.save()
+                if progress is not None:
+                    progress.update(1)
+            return self._evaluate()
+        finally:
+            if progress is not None:
+                progress.close()
+            self.log.close()
+
+    def _evaluate(self) -> dict[str, float]:
+        results: dict[str, float] = {}
+        if self.evaluate is not None and self.dist.is_main:
+            for module in self.modules.values():
+                module.eval()
+            results = self.evaluate(self.step)
+            for module in self.modules.values():
+                module.train()
+            self.log.log(self.step, results)
+        distributed.barrier()
+        return results

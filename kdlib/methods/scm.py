@@ -1,0 +1,157 @@
+"""sCM: continuous-time consistency training/distillation in TrigFlow (Lu & Song 2024,
+"Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", Algorithm 1).
+
+For x_t = cos(t)x0 + sin(t)z and the PF-ODE tangent dx_t/dt (the teacher's σ_d·F_pre(x_t/σ_d, t)
+for distillation, sCD; cos(t)z − sin(t)x0 for training from data, sCT):
+
+    σ_d·cos(t)sin(t)·dF⁻/dt = jvp(F⁻, (x_t/σ_d, t), (cos(t)sin(t)·dx_t/dt, cos(t)sin(t)·σ_d))
+    g = −cos²(t)·(σ_d F⁻ − dx_t/dt) − r·(cos(t)sin(t)·x_t + σ_d cos(t)sin(t)·dF⁻/dt)
+    g ← g / (‖g‖ + c)                                 (tangent normalisation, per sample)
+    L = e^{w(t)}/D · ‖F_θ − F⁻ − g‖² − w(t)           (w: optional adaptive weighting)
+
+with F⁻ the stop-gradient network, r = min(1, step/H) the tangent warm-up and D the number of
+elements per sample. One ``torch.func.jvp`` gives both F_θ (with its graph, for the gradient) and
+the tangent (detached): through kdlib attention the tangent comes from the fused JVP kernel.
+
+Domain-agnostic: states are [B, ...] of any trailing shape, networks are ``net(x, t, **cond)``
+returning an F-prediction of x's shape, t is [B].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdlib.diffusion import trigflow
+from kdlib.nn.embeddings import sinusoidal_embedding
+
+Net = Callable[..., torch.Tensor]
+
+
+@dataclass
+class SCMConfig:
+    sigma_d: float = 0.5
+    p_mean: float = -1.0  # log-normal proposal of tan(t)·σ_d
+    p_std: float = 1.4
+    tangent_warmup: int = 10_000  # H: steps over which r ramps from 0 to 1
+    tangent_norm_c: float = 0.1
+
+
+class AdaptiveWeight(nn.Module):
+    """w(t): [B] -> [B], a learned log-weight per time (sCM's adaptive loss weighting)."""
+
+    def __init__(self, freq_dim: int = 128, scale: float = 1.0):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.linear = nn.Linear(freq_dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(sinusoidal_embedding(self.scale * t, self.freq_dim).to(self.linear.weight.dtype))[:, 0]
+
+
+def tangent_warmup(step: int, warmup_steps: int) -> float:
+    """r = min(1, step / H); H = 0 switches the warm-up off."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+def normalize_tangent(g: torch.Tensor, c: float) -> torch.Tensor:
+    """g / (‖g‖ + c) with the norm over each sample's elements. g: [B, ...]."""
+    norm = g.flatten(1).norm(dim=1)
+    return g / trigflow.expand(norm + c, g)
+
+
+def f_and_time_derivative(
+    net: Net, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, sigma_d: float, **cond
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F(x_t/σ_d, t) (with its graph if grad is on) and σ_d·cos(t)sin(t)·dF/dt along the PF-ODE
+    (detached). x_t, dxt_dt: [B, ...]; t: [B]. The cos·sin factor is put in the tangents, not
+    applied afterwards, so dF/dt never blows up near t = π/2 (as in the paper)."""
+    cs = torch.cos(t) * torch.sin(t)
+
+    def f(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return net(x, time, **cond)
+
+    f_value, tangent = torch.func.jvp(
+        f, (x_t / sigma_d, t), (trigflow.expand(cs, x_t) * dxt_dt, cs * sigma_d)
+    )
+    return f_value, tangent.detach()
+
+
+def scm_loss(
+    net: Net,
+    x0: torch.Tensor,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    dxt_dt: torch.Tensor,
+    *,
+    r: float,
+    sigma_d: float,
+    norm_c: float = 0.1,
+    weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **cond,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The sCM loss for one batch. x0, z, dxt_dt: [B, ...] (z ~ N(0, σ_d²)); t: [B].
+
+    Returns the scalar loss (mean over the batch) and float statistics for logging.
+    """
+    x_t = trigflow.add_noise(x0, z, t)
+    f_theta, cs_df_dt = f_and_time_derivative(net, x_t, t, dxt_dt, sigma_d, **cond)
+    f_minus = f_theta.detach()
+    cos, sin = trigflow.expand(torch.cos(t), x_t), trigflow.expand(torch.sin(t), x_t)
+    g = -cos**2 * (sigma_d * f_minus - dxt_dt) - r * (cos * sin * x_t + cs_df_dt)
+    g_norm = g.flatten(1).norm(dim=1)
+    g = normalize_tangent(g, norm_c)
+
+    per_sample = (f_theta - f_minus - g).flatten(1).float().pow(2).mean(dim=1)
+    if weight is not None:
+        w = weight(t).float()
+        loss = (torch.exp(w) * per_sample - w).mean()
+    else:
+        loss = per_sample.mean()
+    stats = {"loss": loss.item(), "mse": per_sample.mean().item(), "tangent_norm": g_norm.mean().item()}
+    return loss, stats
+
+
+class SCM:
+    """sCM training step on a student F-prediction network.
+
+    teacher: None for consistency training from data (sCT), else the pretrained F-prediction
+    network whose PF-ODE tangent σ_d·F_pre(x_t/σ_d, t) is distilled (sCD).
+    """
+
+    def __init__(self, student: Net, teacher: Net | None = None, config: SCMConfig | None = None,
+                 weight: AdaptiveWeight | None = None):
+        self.student, self.teacher = student, teacher
+        self.config = config or SCMConfig()
+        self.weight = weight
+
+    def loss(self, x0: torch.Tensor, step: int, generator: torch.Generator | None = None,
+             **cond) -> tuple[torch.Tensor, dict[str, float]]:
+        """x0: [B, ...] clean data (already scaled so its std is about σ_d)."""
+        cfg = self.config
+        z = cfg.sigma_d * torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        t = trigflow.sample_time(x0.shape[0], p_mean=cfg.p_mean, p_std=cfg.p_std, sigma_d=cfg.sigma_d,
+                                 device=x0.device, generator=generator).to(x0.dtype)
+        if self.teacher is None:
+            dxt_dt = trigflow.velocity(x0, z, t)
+        else:
+            with torch.no_grad():
+                x_t = trigflow.add_noise(x0, z, t)
+                dxt_dt = trigflow.f_velocity(self.teacher, x_t, t, cfg.sigma_d, **cond)
+        r = tangent_warmup(step, cfg.tangent_warmup)
+        return scm_loss(self.student, x0, z, t, dxt_dt, r=r, sigma_d=cfg.sigma_d,
+                        norm_c=cfg.tangent_norm_c, weight=self.weight, **cond)
+
+    def train_step(self, optimizer: torch.optim.Optimizer, x0: torch.Tensor, step: int,
+                   generator: torch.Generator | None = None, **cond) -> dict[str, float]:
+        """One optimiser update; ``optimizer`` holds the student's (and the weight's) parameters."""
+        optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.loss(x0, step, generator, **cond)
+        loss.backward()
+        optimizer.step()
+        return stats

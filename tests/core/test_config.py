@@ -1,0 +1,61 @@
+import pytest
+
+from kdlib.core.config import ConfigError, parse_overrides, to_dict
+from kdlib.core.run_config import load_run_config
+from domains.image import ImageDomain
+
+RECIPE = ImageDomain.recipe_path("classifier-kd")
+
+
+def test_recipe_resolves_with_typed_sections():
+    cfg = load_run_config(RECIPE)
+    assert cfg.domain == "image" and cfg.method == "logit_kd"
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(0.005)
+    assert cfg.method_args.temperature == 4.0
+    assert cfg.model.student_hidden == [32]
+
+
+def test_default_recipe_extends_classifier_kd():
+    assert to_dict(load_run_config(ImageDomain.recipe_path("default"))) == to_dict(load_run_config(RECIPE))
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_run_config(RECIPE, ["train.lr=3e-4", "seeds=[7, 8]", "method_args.kind=jsd", "train.steps=12"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.seeds == [7, 8]
+    assert cfg.method_args.kind == "jsd" and cfg.train.steps == 12
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_unknown_key_names_key_closest_and_recipe():
+    with pytest.raises(ConfigError) as err:
+        load_run_config(RECIPE, ["train.lrr=0.1"])
+    msg = str(err.value)
+    assert "train.lrr" in msg and "'train.lr'" in msg and str(RECIPE) in msg
+
+
+def test_unknown_top_level_and_method_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'sedes'.*did you mean 'seeds'"):
+        load_run_config(RECIPE, ["sedes=[1]"])
+    with pytest.raises(ConfigError, match=r"method_args.temprature.*'method_args.temperature'"):
+        load_run_config(RECIPE, ["method_args.temprature=2"])
+
+
+def test_wrong_type_names_key_type_and_value():
+    with pytest.raises(ConfigError, match=r"train.steps must be int, got 'many' \(str\)"):
+        load_run_config(RECIPE, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"train.precision='fp8' is not one of"):
+        load_run_config(RECIPE, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"model.student_hidden must be"):
+        load_run_config(RECIPE, ["model.student_hidden=3"])
+
+
+def test_bad_values_and_unknown_method_stop_before_work():
+    with pytest.raises(ConfigError, match="batch_size=10 must be divisible by train.grad_accum=3"):
+        load_run_config(RECIPE, ["train.batch_size=10", "train.grad_accum=3"])
+    with pytest.raises(ConfigError, match=r"unknown method 'logit_kdd'.*did you mean 'logit_kd'"):
+        load_run_config(RECIPE, ["method=logit_kdd"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.steps"])
