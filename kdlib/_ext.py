@@ -15,6 +15,8 @@ BUILD_HINT = "build it with: pip install -e . --no-build-isolation  (needs a C++
 
 @functools.lru_cache(maxsize=1)
 def _load():
+    import torch  # noqa: F401  (loads libc10/libtorch, which the extension links against)
+
     try:
         from kdlib import _C  # type: ignore[attr-defined]
     except Exception as exc:  # ImportError, or an ABI mismatch after a torch upgrade

@@ -16,8 +16,8 @@ def toy_data(n: int = 256, features: int = 8, classes: int = 4, seed: int = 0) -
     return TensorDataset(x=x, y=(x @ w).argmax(-1))
 
 
-def toy_model(features: int = 8, classes: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, classes))
+def toy_model(features: int = 8, classes: int = 4, dropout: float = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, classes))
 
 
 def toy_train_config(**overrides) -> TrainConfig:
