@@ -40,7 +40,7 @@ def has_cuda_ops() -> bool:
     return bool(mod is not None and getattr(mod, "with_cuda", lambda: False)())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def notice_missing(what: str) -> None:
     """Warn once per feature that the extension is missing and what runs instead."""
     warnings.warn(

@@ -42,7 +42,10 @@ def cmd_info(_: argparse.Namespace) -> int:
         lines.append("           slower without it: the fused EMA update (torch._foreach_lerp_ runs instead)")
         lines.append(f"           {_ext.BUILD_HINT}")
     else:
-        cuda = "with CUDA kernels" if _ext.has_cuda_ops() else "CPU ops only (torch without CUDA, or nvcc absent at build)"
+        cuda = (
+            "with CUDA kernels" if _ext.has_cuda_ops()
+            else "CPU ops only (torch without CUDA, or nvcc absent at build)"
+        )
         lines.append(f"kdlib._C   built, {cuda}: {Path(native.__file__).name}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -22,7 +22,9 @@ class CNNClassifier(nn.Module):
                 size //= 2
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * size * size, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c_in * size * size, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x):
         return self.head(self.features(x))

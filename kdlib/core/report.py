@@ -54,7 +54,10 @@ def _plot(run_dir: Path, records_by_stage: dict[str, list[dict[str, Any]]], metr
     plots.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage, records in records_by_stage.items():
-        points = [(r["step"], v) for r in records for k, v in r.items() if k.endswith("/loss") and "nonfinite_skipped" not in r]
+        points = [
+            (r["step"], v) for r in records if "nonfinite_skipped" not in r
+            for k, v in r.items() if k.endswith("/loss")
+        ]
         if points:
             ax.plot(*zip(*points), label=stage, linewidth=1)
     ax.set_xlabel("step")
@@ -88,7 +91,8 @@ def _plot(run_dir: Path, records_by_stage: dict[str, list[dict[str, Any]]], metr
 def write_report(run_dir: str | Path, cfg: Any, results: dict[str, Any], primary: tuple[str, bool]) -> Path:
     run_dir = Path(run_dir)
     header, rows = results_rows(results)
-    stages = sorted(p.name for p in (run_dir / "stages").iterdir() if p.is_dir()) if (run_dir / "stages").exists() else []
+    stages_dir = run_dir / "stages"
+    stages = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.exists() else []
     records = {s: read_metrics(run_dir / "stages" / s / "metrics.jsonl") for s in stages}
     plots = _plot(run_dir, records, primary[0])
     n = len(cfg.seeds)

@@ -149,7 +149,8 @@ class Trainer:
     def save(self) -> None:
         if self.dist.is_main:
             tensors, meta = self.state_tensors()
-            ckpt.save_checkpoint(self.stage_dir / "checkpoints", self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
+            directory = self.stage_dir / "checkpoints"
+            ckpt.save_checkpoint(directory, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
         distributed.barrier()
 
     def _load_module(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -51,7 +51,8 @@ class AdaptiveWeight(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear(sinusoidal_embedding(self.scale * t, self.freq_dim).to(self.linear.weight.dtype))[:, 0]
+        features = sinusoidal_embedding(self.scale * t, self.freq_dim).to(self.linear.weight.dtype)
+        return self.linear(features)[:, 0]
 
 
 def tangent_warmup(step: int, warmup_steps: int) -> float:

@@ -1,8 +1,8 @@
 import pytest
 
+from domains.image import ImageDomain
 from kdlib.core.config import ConfigError, parse_overrides, to_dict
 from kdlib.core.run_config import load_run_config
-from domains.image import ImageDomain
 
 RECIPE = ImageDomain.recipe_path("classifier-kd")
 

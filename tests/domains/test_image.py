@@ -1,6 +1,6 @@
 import torch
 
-from domains.image import ImageDomain, ImageDataConfig, ImageModelConfig
+from domains.image import ImageDataConfig, ImageDomain, ImageModelConfig
 from domains.image.data import load_digits_splits, random_shift
 
 
