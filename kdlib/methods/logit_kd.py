@@ -28,6 +28,7 @@ class LogitKDConfig:
     kind: str = "fkl"
     beta: float = 0.5  # jsd only
     alpha: float = 0.1  # skew_fkl / skew_rkl only
+    generator: str | None = None  # kind="f" only: kl, reverse_kl, js, hellinger, chi2
 
 
 @register_method("logit_kd")
@@ -42,7 +43,7 @@ class LogitKD(Method):
         mask = None if y is None else y != -100
         soft = divergence(
             student_logits, teacher_logits, cfg.kind, temperature=cfg.temperature, beta=cfg.beta,
-            alpha=cfg.alpha, mask=mask, t2_scaling=True,
+            alpha=cfg.alpha, generator=cfg.generator, mask=mask, t2_scaling=True,
         )
         loss = cfg.soft_weight * soft
         values = {"kd/soft": float(soft.detach())}

@@ -12,7 +12,7 @@ def test_recipe_resolves_with_typed_sections():
     assert cfg.domain == "image" and cfg.method == "logit_kd"
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(0.005)
     assert cfg.method_args.temperature == 4.0
-    assert cfg.model.student_hidden == [32]
+    assert cfg.model.student_hidden == [128]
 
 
 def test_default_recipe_extends_classifier_kd():
