@@ -48,3 +48,16 @@ def notice_missing(what: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def describe() -> dict[str, object]:
+    """What ``kdlib info`` reports about the extension: whether it loaded, from where, with CUDA
+    kernels or not, its ops, and why it did not load."""
+    mod = native()
+    return {
+        "loaded": mod is not None,
+        "path": getattr(mod, "__file__", None),
+        "with_cuda": has_cuda_ops(),
+        "ops": sorted(name for name in dir(mod) if not name.startswith("_") and name != "with_cuda") if mod else [],
+        "error": load_error(),
+    }

@@ -47,6 +47,7 @@ def cmd_info(_: argparse.Namespace) -> int:
             else "CPU ops only (torch without CUDA, or nvcc absent at build)"
         )
         lines.append(f"kdlib._C   built, {cuda}: {Path(native.__file__).name}")
+        lines.append(f"           ops: {', '.join(_ext.describe()['ops'])}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -57,11 +58,15 @@ def cmd_info(_: argparse.Namespace) -> int:
     return 0
 
 
-def _print_results(run_dir: Path, results: dict) -> None:
-    from kdlib.core.report import format_table, results_rows
+def _print_results(run_dir: Path, results: dict, cfg) -> None:
+    from kdlib.core.domain import DOMAINS
+    from kdlib.core.report import format_table, paired_comparison, results_rows
 
     header, rows = results_rows(results)
     print(format_table(header, rows))
+    paired = paired_comparison(results, cfg.method, cfg.baseline_method, DOMAINS.get(cfg.domain).primary_metric)
+    if paired:
+        print(paired)
     print(f"\nrun directory: {run_dir}\nreport:        {run_dir / 'report.md'}")
 
 
@@ -87,7 +92,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"kdlib: {args.domain} / {cfg.method}, recipe {recipe}, run directory {run_dir}", flush=True)
     results = Experiment(run_dir, cfg).run()
     if distributed.current().is_main:
-        _print_results(run_dir, results)
+        _print_results(run_dir, results, cfg)
     return 0
 
 
@@ -99,15 +104,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _init_dist(cfg.train.device)
     results = Experiment(args.run_dir, cfg).run()
     if distributed.current().is_main:
-        _print_results(Path(args.run_dir), results)
+        _print_results(Path(args.run_dir), results, cfg)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdlib.core.experiment import Experiment
 
-    results = Experiment(args.run_dir).evaluate_saved()
-    _print_results(Path(args.run_dir), results)
+    experiment = Experiment(args.run_dir)
+    _print_results(Path(args.run_dir), experiment.evaluate_saved(), experiment.cfg)
     return 0
 
 

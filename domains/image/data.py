@@ -27,7 +27,10 @@ def load_digits_splits(test_fraction: float, split_seed: int) -> dict[str, Tenso
         n_test = round(len(members) * test_fraction)
         test_index.append(members[:n_test])
         train_index.append(members[n_test:])
-    train, test = torch.cat(train_index), torch.cat(test_index)
+    # Shuffled so that any prefix of the training split (``train_limit``) mixes all classes.
+    train = torch.cat(train_index)
+    train = train[torch.randperm(len(train), generator=g)]
+    test = torch.cat(test_index)
     return {"train": TensorDataset(x=x[train], y=y[train]), "test": TensorDataset(x=x[test], y=y[test])}
 
 

@@ -60,9 +60,10 @@ class Domain:
     def build_student(self) -> nn.Module:
         raise NotImplementedError
 
-    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Training-time augmentation of a batch (uses the global torch RNG, which checkpoints
-        save). Default: none."""
+    def augment(self, batch: dict[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
+        """Training-time augmentation of a batch for ``role`` ("teacher" while the run trains its
+        teacher, "student" otherwise: teachers often gain from stronger augmentation than a small
+        student can absorb). Uses the global torch RNG, which checkpoints save. Default: none."""
         return batch
 
     @torch.no_grad()

@@ -121,7 +121,8 @@ class Experiment:
         trainer = Trainer(
             method, self.data["train"], train_cfg, stage_dir=self._stage_dir(name), seed=seed,
             evaluate=lambda step: self.evaluate_models(student.evaluation_models()),
-            augment=self.domain.augment, description=name,
+            augment=lambda batch: self.domain.augment(batch, "teacher" if name == "teacher" else "student"),
+            description=name,
         )
         return student, trainer.fit()
 

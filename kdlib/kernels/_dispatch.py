@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("triton", "cuda", "torch", "reference")
+BACKENDS = ("triton", "cuda", "native", "torch", "reference")
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,3 +37,9 @@ def test_teacher_is_much_bigger_than_student():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(d.build_teacher()) > 20 * n(d.build_student())
     assert d.build_teacher()(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_train_limit_keeps_every_class():
+    d = ImageDomain(ImageDataConfig(train_limit=100), ImageModelConfig())
+    y = d.datasets()["train"].tensors["y"]
+    assert len(y) == 100 and set(y.tolist()) == set(range(10))
