@@ -1,0 +1,230 @@
+"""Flash-attention forward plus its forward-mode tangent in one pass over K/V (Triton).
+
+One program owns BLOCK_M query rows of one (batch, head). It walks the keys in blocks of BLOCK_N
+with an online softmax and keeps, for its rows, in fp32 registers:
+
+    acc_o = Σ_j p_ij v_j                   (→ O after dividing by l)
+    acc_t = Σ_j p_ij tv_j + p_ij (ds_ij − c_i) v_j
+    l     = Σ_j p_ij,   r = Σ_j (p∘ds)_ij,   c = r / l   (→ rowsum(P∘dS) at the end)
+
+all rescaled by the same factor when the running max moves, so that at the end
+dO = P tV + (P∘dS) V − rowsum(P∘dS)·O = acc_t / l. Centring on c as it goes (instead of
+subtracting rowsum(P∘dS)·O at the end) avoids a cancellation of two large terms when softmax rows
+are peaked. Six GEMMs per block (QKᵀ, tQ Kᵀ, Q tKᵀ, P V, P tV, (P∘dS) V), never an
+N×N tensor in memory. The softmax uses exp2 with log2(e) folded into the score scale.
+
+Head dims that are not powers of two are padded to the next one inside the kernel with masked
+loads (zeros in the padding leave every dot product unchanged). Any Nq, Nk: the last key block is
+masked, query rows past Nq are neither stored nor allowed to fault.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, for GPUs: 16-bit inputs from the
+# sweep in benchmarks/attention_jvp.py (--sweep, H200, N=8192); fp32 tiles take twice the shared
+# memory, so fewer/smaller stages.
+GPU_CONFIGS: dict[int, tuple[int, int, int, int]] = {
+    32: (64, 64, 4, 3),
+    64: (64, 64, 4, 3),
+    128: (128, 32, 8, 3),
+    256: (64, 32, 4, 2),
+}
+GPU_CONFIGS_FP32: dict[int, tuple[int, int, int, int]] = {
+    32: (64, 64, 4, 2),
+    64: (64, 64, 4, 2),
+    128: (64, 32, 4, 2),
+    256: (32, 32, 4, 1),
+}
+INTERPRETER_CONFIG = (64, 32, 1, 1)
+
+
+@triton.jit
+def _jvp_key_blocks(
+    acc_o, acc_t, l_i, m_i, r_i, c_i,
+    q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs,
+    stride_kn, stride_tkn, stride_vn, stride_tvn,
+    offs_m, offs_n, d_ok, n_k, lo, hi, qk_scale, sm_scale,
+    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold keys [lo, hi) into the running state. MASK_KEYS: this range holds the last partial key
+    block and/or the causal diagonal, so scores need a mask; elsewhere no mask is computed."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_KEYS:
+            ld_mask = (cols[:, None] < n_k) & d_ok[None, :]
+        else:
+            ld_mask = d_ok[None, :]
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=ld_mask, other=0.0)
+        tk = tl.load(tk_ptrs + start_n * stride_tkn, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=ld_mask, other=0.0)
+        tv = tl.load(tv_ptrs + start_n * stride_tvn, mask=ld_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        ds = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+        ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
+        if MASK_KEYS:
+            valid = cols[None, :] < n_k
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+
+        # Every row sees key 0 in the first block it visits, so m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        ds = ds * sm_scale
+
+        l_new = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(p * ds, 1)
+        # acc_t holds Σ p·tv + Σ p·(ds − c)·v around the running mean c = r/l of dS under P, not
+        # Σ p·ds·v: with peaked softmax rows (large logits) the latter and rowsum(P∘dS)·O are both
+        # huge and cancel, amplifying rounding. Moving the centre from c to c_new adds
+        # (c − c_new)·Σ p·v to the old sum.
+        c_new = r_i / l_new
+        acc_t = (acc_t + (c_i - c_new)[:, None] * acc_o) * alpha[:, None]
+        acc_o = acc_o * alpha[:, None]
+        p_lo = p.to(v.dtype)
+        acc_o = tl.dot(p_lo, v, acc_o, input_precision=PRECISION)
+        acc_t = tl.dot(p_lo, tv, acc_t, input_precision=PRECISION)
+        acc_t = tl.dot((p * (ds - c_new[:, None])).to(v.dtype), v, acc_t, input_precision=PRECISION)
+        l_i, m_i, c_i = l_new, m_new, c_new
+    return acc_o, acc_t, l_i, m_i, r_i, c_i
+
+
+@triton.jit
+def _attention_jvp_kernel(
+    Q, K, V, TQ, TK, TV, O, TO, LSE,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    stqb, stqh, stqn, stqd,
+    stkb, stkh, stkn, stkd,
+    stvb, stvh, stvn, stvd,
+    sob, soh, son, sod,
+    stob, stoh, ston, stod,
+    n_heads, n_q, n_k, head_dim, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < head_dim
+    row_ok = offs_m < n_q
+
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    tq = tl.load(
+        TQ + b * stqb + h * stqh + offs_m[:, None] * stqn + offs_d[None, :] * stqd, mask=q_mask, other=0.0
+    )
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkn + offs_d[None, :] * stkd
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvn + offs_d[None, :] * stvd
+
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    c_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_o = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    # Keys every row of this block may see, in whole blocks: no mask needed there.
+    if CAUSAL:
+        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M)
+        full_end = (tl.minimum(pid_m * BLOCK_M, n_k) // BLOCK_N) * BLOCK_N
+    else:
+        hi = n_k
+        full_end = (n_k // BLOCK_N) * BLOCK_N
+    acc_o, acc_t, l_i, m_i, r_i, c_i = _jvp_key_blocks(
+        acc_o, acc_t, l_i, m_i, r_i, c_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs,
+        skn, stkn, svn, stvn, offs_m, offs_n, d_ok, n_k, 0, full_end, qk_scale, sm_scale,
+        BLOCK_N, False, CAUSAL, PRECISION,
+    )
+    # The rest: the partial last block and/or the causal diagonal, masked.
+    acc_o, acc_t, l_i, m_i, r_i, c_i = _jvp_key_blocks(
+        acc_o, acc_t, l_i, m_i, r_i, c_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs,
+        skn, stkn, svn, stvn, offs_m, offs_n, d_ok, n_k, full_end, hi, qk_scale, sm_scale,
+        BLOCK_N, True, CAUSAL, PRECISION,
+    )
+
+    # acc_t is centred on c = rowsum(P∘dS) already, so dO = acc_t / l with no subtraction left.
+    inv_l = 1.0 / l_i
+    out = acc_o * inv_l[:, None]
+    tangent = acc_t * inv_l[:, None]
+
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(TO + b * stob + h * stoh + offs_m[:, None] * ston + offs_d[None, :] * stod,
+             tangent.to(TO.dtype.element_ty), mask=o_mask)
+    # Natural-log LSE of the scaled scores, as SDPA's flash backend reports it.
+    tl.store(LSE + pid_bh.to(tl.int64) * n_q + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+             mask=row_ok)
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation; the tests replace it with a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def padded_head_dim(d: int) -> int:
+    return max(32, triton.next_power_of_2(d))
+
+
+def attention_jvp_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    *,
+    scale: float | None,
+    causal: bool,
+    config: tuple[int, int, int, int] | None = None,
+    interpreted: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, tq: [B, H, Nq, D]; k, tk, v, tv: [B, H, Nk, D] (any strides, validated by the caller).
+
+    Returns out, tangent_out: [B, H, Nq, D] in the inputs' dtype and lse: [B, H, Nq] fp32.
+    ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the table (for tuning).
+    """
+    bsz, heads, n_q, d = q.shape
+    n_k = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    d_pad = padded_head_dim(d)
+    if config is None:
+        table = GPU_CONFIGS_FP32 if q.dtype == torch.float32 else GPU_CONFIGS
+        config = INTERPRETER_CONFIG if interpreted else table[d_pad]
+    block_m, block_n, num_warps, num_stages = config
+
+    out = _alloc(q.shape, q.dtype, q.device)
+    tangent = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc((bsz, heads, n_q), torch.float32, q.device)
+    grid = (triton.cdiv(n_q, block_m), bsz * heads)
+    _attention_jvp_kernel[grid](
+        q, k, v, tq, tk, tv, out, tangent, lse,
+        *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
+        *out.stride(), *tangent.stride(),
+        heads, n_q, n_k, d, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=causal,
+        # fp32 inputs get true fp32 products (the tensor cores' tf32 would cost ~3e-4 accuracy).
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, tangent, lse
