@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlib.core.data import TensorDataset
+from kdlib.core.data import BatchOrder, TensorDataset
 from kdlib.core.method import NoConfig
 from kdlib.core.registry import Registry
 
@@ -59,6 +59,10 @@ class Domain:
 
     def build_student(self) -> nn.Module:
         raise NotImplementedError
+
+    def batch_order(self, train: TensorDataset, batch_size: int, seed: int) -> BatchOrder | None:
+        """The order in which training examples are drawn; None: uniform, reshuffled each epoch."""
+        return None
 
     def augment(self, batch: dict[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
         """Training-time augmentation of a batch for ``role`` ("teacher" while the run trains its

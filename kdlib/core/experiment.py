@@ -120,6 +120,7 @@ class Experiment:
         method = METHODS.get(method_name)(method_cfg, student, teacher)
         trainer = Trainer(
             method, self.data["train"], train_cfg, stage_dir=self._stage_dir(name), seed=seed,
+            order=self.domain.batch_order(self.data["train"], train_cfg.batch_size, seed),
             evaluate=lambda step: self.evaluate_models(student.evaluation_models()),
             augment=lambda batch: self.domain.augment(batch, "teacher" if name == "teacher" else "student"),
             description=name,
@@ -136,8 +137,8 @@ class Experiment:
         elif weights.exists():
             load_weights(model, weights)
         else:
-            supervised = METHODS.get("supervised")
-            trained, _ = self._train("teacher", "supervised", supervised.Config(), model, None,
+            teacher_method = METHODS.get(cfg.teacher.method)
+            trained, _ = self._train("teacher", cfg.teacher.method, teacher_method.Config(), model, None,
                                      cfg.teacher.train, cfg.seeds[0])
             model = trained.model
             if self.dist.is_main:

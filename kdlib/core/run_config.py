@@ -46,6 +46,7 @@ class TeacherConfig:
     # when unset the run trains its teacher with ``train`` first.
     path: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: str = "supervised"  # how the run trains its teacher (e.g. a diffusion training objective)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 

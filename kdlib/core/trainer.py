@@ -70,7 +70,7 @@ class Trainer:
     """Runs ``method`` on ``data`` for ``cfg.steps`` steps, checkpointing into ``stage_dir``.
 
     ``evaluate(step)`` returns metrics (called on the main process only); ``augment(batch)``
-    transforms each micro-batch. ``fit()`` resumes from the newest valid checkpoint if any.
+    transforms each micro-batch; ``order`` replaces the default uniform shuffled batch order. ``fit()`` resumes from the newest valid checkpoint if any.
     """
 
     def __init__(
@@ -84,6 +84,7 @@ class Trainer:
         evaluate: Callable[[int], dict[str, float]] | None = None,
         augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
         description: str = "train",
+        order: BatchOrder | None = None,
     ):
         self.method = method
         self.cfg = cfg
@@ -99,7 +100,9 @@ class Trainer:
                 f"batch_size={cfg.batch_size} must be divisible by world_size*grad_accum="
                 f"{self.dist.world_size}*{cfg.grad_accum}"
             )
-        self.order = BatchOrder(size=len(data), batch_size=cfg.batch_size, seed=seed)
+        # A domain may bring its own order (e.g. a re-weighted mixture of text domains); it must
+        # keep BatchOrder's interface, including state()/load_state() for exact resume.
+        self.order = order or BatchOrder(size=len(data), batch_size=cfg.batch_size, seed=seed)
         self.modules = method.trainable_modules()
         self.wrapped = {name: self._wrap(name, m) for name, m in self.modules.items()}
         self.optimizers = {

@@ -6,7 +6,8 @@ shadowed by the submodule of the same name once anything imports that submodule 
 these imports needs Triton or the native extension; they load on first use.
 """
 
+from kdlib.kernels.attention_jvp import attention_jvp
 from kdlib.kernels.ema import ema_update_
 from kdlib.kernels.fused_linear_divergence import fused_linear_divergence
 
-__all__ = ["ema_update_", "fused_linear_divergence"]
+__all__ = ["attention_jvp", "ema_update_", "fused_linear_divergence"]

@@ -35,7 +35,7 @@ def can_run_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def notice_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 

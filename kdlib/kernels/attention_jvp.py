@@ -16,8 +16,6 @@ back to the reference prints a one-time notice.
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import torch
 
@@ -139,15 +137,3 @@ def attention_jvp(
 
 
 __all__ = ["attention_jvp"]
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule makes Python set ``kdlib.kernels.attention_jvp`` to the module,
-    which hides the function the package exports lazily under the same name. Calling the module
-    calls the function, so ``kdlib.kernels.attention_jvp(...)`` works in either order."""
-
-    def __call__(self, *args, **kwargs):
-        return attention_jvp(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

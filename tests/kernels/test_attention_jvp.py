@@ -61,7 +61,9 @@ def check_case(b, h, nq, nk, d, causal, magnitude=1.0, *, dtype):
     for name, ours, theirs, ref in (("out", out, same_o, ref_o), ("tangent", tangent, same_t, ref_t)):
         err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
         bound = 2 * err_torch if err_torch == err_torch else 1e-2  # torch's own may overflow to NaN
-        assert err <= max(bound, FLOOR[dtype]), f"{name}: error {err:.3g} vs torch {dtype} {err_torch:.3g}"
+        # fp32 logits of size ~256·m² carry rounding ∝ their size in every implementation.
+        floor = FLOOR[dtype] * magnitude
+        assert err <= max(bound, floor), f"{name}: error {err:.3g} vs torch {dtype} {err_torch:.3g}"
     _, _, ref_lse = attention_jvp_reference(*(x.double() for x in inputs), causal=causal)
     assert rel_err(lse, ref_lse) < 1e-5
 

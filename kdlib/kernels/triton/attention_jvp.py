@@ -5,13 +5,16 @@ with an online softmax and keeps, for its rows, in fp32 registers:
 
     acc_o = Σ_j p_ij v_j                   (→ O after dividing by l)
     acc_t = Σ_j p_ij tv_j + p_ij (ds_ij − c_i) v_j
-    l     = Σ_j p_ij,   r = Σ_j (p∘ds)_ij,   c = r / l   (→ rowsum(P∘dS) at the end)
+    l     = Σ_j p_ij,   r = Σ_j (p∘ds)_ij
 
-all rescaled by the same factor when the running max moves, so that at the end
-dO = P tV + (P∘dS) V − rowsum(P∘dS)·O = acc_t / l. Centring on c as it goes (instead of
-subtracting rowsum(P∘dS)·O at the end) avoids a cancellation of two large terms when softmax rows
-are peaked. Six GEMMs per block (QKᵀ, tQ Kᵀ, Q tKᵀ, P V, P tV, (P∘dS) V), never an
-N×N tensor in memory. The softmax uses exp2 with log2(e) folded into the score scale.
+all rescaled by the same factor when the running max moves, and finalizes
+dO = P tV + (P∘dS) V − rowsum(P∘dS)·O = acc_t / l − (r / l − c)·O. For fp16/fp32 the centre c
+follows the running r / l (so the last term vanishes): with peaked softmax rows (large logits)
+(P∘dS) V and rowsum(P∘dS)·O are both huge and cancel, which amplifies rounding. For bf16, c = 0:
+centring costs ~10% of the time and bf16's own rounding of P∘dS dominates.
+
+Six GEMMs per block (QKᵀ, tQ Kᵀ, Q tKᵀ, P V, P tV, (P∘dS) V), never an N×N tensor in memory.
+The softmax uses exp2 with log2(e) folded into the score scale.
 
 Head dims that are not powers of two are padded to the next one inside the kernel with masked
 loads (zeros in the padding leave every dot product unchanged). Any Nq, Nk: the last key block is
@@ -53,6 +56,7 @@ def _jvp_key_blocks(
     stride_kn, stride_tkn, stride_vn, stride_tvn,
     offs_m, offs_n, d_ok, n_k, lo, hi, qk_scale, sm_scale,
     BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    CENTER: tl.constexpr,
 ):
     """Fold keys [lo, hi) into the running state. MASK_KEYS: this range holds the last partial key
     block and/or the causal diagonal, so scores need a mask; elsewhere no mask is computed."""
@@ -84,17 +88,22 @@ def _jvp_key_blocks(
 
         l_new = l_i * alpha + tl.sum(p, 1)
         r_i = r_i * alpha + tl.sum(p * ds, 1)
-        # acc_t holds Σ p·tv + Σ p·(ds − c)·v around the running mean c = r/l of dS under P, not
-        # Σ p·ds·v: with peaked softmax rows (large logits) the latter and rowsum(P∘dS)·O are both
-        # huge and cancel, amplifying rounding. Moving the centre from c to c_new adds
-        # (c − c_new)·Σ p·v to the old sum.
-        c_new = r_i / l_new
-        acc_t = (acc_t + (c_i - c_new)[:, None] * acc_o) * alpha[:, None]
+        if CENTER:
+            # acc_t holds Σ p·tv + Σ p·(ds − c)·v around the running mean c = r/l of dS under P:
+            # with peaked softmax rows (large logits) Σ p·ds·v and rowsum(P∘dS)·O are both huge and
+            # cancel, amplifying rounding. Moving the centre from c to c_new adds (c − c_new)·Σ p·v.
+            c_new = r_i / l_new
+            acc_t = (acc_t + (c_i - c_new)[:, None] * acc_o) * alpha[:, None]
+            w = p * (ds - c_new[:, None])
+        else:
+            c_new = c_i
+            acc_t = acc_t * alpha[:, None]
+            w = p * ds
         acc_o = acc_o * alpha[:, None]
         p_lo = p.to(v.dtype)
         acc_o = tl.dot(p_lo, v, acc_o, input_precision=PRECISION)
         acc_t = tl.dot(p_lo, tv, acc_t, input_precision=PRECISION)
-        acc_t = tl.dot((p * (ds - c_new[:, None])).to(v.dtype), v, acc_t, input_precision=PRECISION)
+        acc_t = tl.dot(w.to(v.dtype), v, acc_t, input_precision=PRECISION)
         l_i, m_i, c_i = l_new, m_new, c_new
     return acc_o, acc_t, l_i, m_i, r_i, c_i
 
@@ -112,7 +121,7 @@ def _attention_jvp_kernel(
     stob, stoh, ston, stod,
     n_heads, n_q, n_k, head_dim, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CENTER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -153,19 +162,19 @@ def _attention_jvp_kernel(
     acc_o, acc_t, l_i, m_i, r_i, c_i = _jvp_key_blocks(
         acc_o, acc_t, l_i, m_i, r_i, c_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs,
         skn, stkn, svn, stvn, offs_m, offs_n, d_ok, n_k, 0, full_end, qk_scale, sm_scale,
-        BLOCK_N, False, CAUSAL, PRECISION,
+        BLOCK_N, False, CAUSAL, PRECISION, CENTER,
     )
     # The rest: the partial last block and/or the causal diagonal, masked.
     acc_o, acc_t, l_i, m_i, r_i, c_i = _jvp_key_blocks(
         acc_o, acc_t, l_i, m_i, r_i, c_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs,
         skn, stkn, svn, stvn, offs_m, offs_n, d_ok, n_k, full_end, hi, qk_scale, sm_scale,
-        BLOCK_N, True, CAUSAL, PRECISION,
+        BLOCK_N, True, CAUSAL, PRECISION, CENTER,
     )
 
-    # acc_t is centred on c = rowsum(P∘dS) already, so dO = acc_t / l with no subtraction left.
+    # dO = acc_t / l − (rowsum(P∘dS) − c)·O; centred, c = r / l already and the term vanishes.
     inv_l = 1.0 / l_i
     out = acc_o * inv_l[:, None]
-    tangent = acc_t * inv_l[:, None]
+    tangent = acc_t * inv_l[:, None] - (r_i * inv_l - c_i)[:, None] * out
 
     o_mask = row_ok[:, None] & d_ok[None, :]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -225,6 +234,9 @@ def attention_jvp_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=causal,
         # fp32 inputs get true fp32 products (the tensor cores' tf32 would cost ~3e-4 accuracy).
         PRECISION="ieee" if q.dtype == torch.float32 else None,
+        # Centring costs ~10% (H200, D=128); bf16's 8-bit products dominate its error anyway, so
+        # only fp16/fp32 pay for it (see the module docstring).
+        CENTER=q.dtype != torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, tangent, lse
