@@ -70,7 +70,8 @@ class Trainer:
     """Runs ``method`` on ``data`` for ``cfg.steps`` steps, checkpointing into ``stage_dir``.
 
     ``evaluate(step)`` returns metrics (called on the main process only); ``augment(batch)``
-    transforms each micro-batch; ``order`` replaces the default uniform shuffled batch order. ``fit()`` resumes from the newest valid checkpoint if any.
+    transforms each micro-batch; ``order`` replaces the default uniform shuffled batch order.
+    ``fit()`` resumes from the newest valid checkpoint if any.
     """
 
     def __init__(
