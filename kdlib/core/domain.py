@@ -43,6 +43,9 @@ class Domain:
     ModelConfig: type = NoConfig
     recipes_dir: Path | None = None
     default_recipe: str = "default"
+    # True when build_teacher() returns a trained model (e.g. loaded from a local transformers
+    # folder): the run then has no teacher-training stage.
+    teacher_is_pretrained: bool = False
     # The metric that decides "better" in reports, and whether larger is better.
     primary_metric: tuple[str, bool] = ("loss", False)
 
@@ -73,6 +76,11 @@ class Domain:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: TensorDataset) -> dict[str, float]:
         raise NotImplementedError
+
+    def report_sections(self, run_dir: Path, teacher: nn.Module, students: dict[str, nn.Module]) -> list[str]:
+        """Extra markdown sections for report.md (sample grids, generations side by side, speed).
+        ``students``: the first seed's final student per method, by method name. Default: none."""
+        return []
 
     @classmethod
     def recipe_path(cls, name: str | None) -> Path:

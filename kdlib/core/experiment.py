@@ -136,7 +136,7 @@ class Experiment:
             load_weights(model, cfg.teacher.path)
         elif weights.exists():
             load_weights(model, weights)
-        else:
+        elif not self.domain.teacher_is_pretrained:
             teacher_method = METHODS.get(cfg.teacher.method)
             trained, _ = self._train("teacher", cfg.teacher.method, teacher_method.Config(), model, None,
                                      cfg.teacher.train, cfg.seeds[0])
@@ -173,17 +173,31 @@ class Experiment:
             from kdlib.core.report import write_report
 
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
-            write_report(self.run_dir, cfg, results, self.domain.primary_metric)
+            students = {m: self.load_student(f"seed{cfg.seeds[0]}-{m}") for m, _, _ in variants}
+            extra = self.domain.report_sections(self.run_dir, teacher, {k: v for k, v in students.items() if v})
+            write_report(self.run_dir, cfg, results, self.domain.primary_metric, extra_sections=extra)
         return results
+
+    def load_student(self, stage: str) -> Student | None:
+        """The student (with its EMA copies) from the newest valid checkpoint of ``stage``."""
+        from kdlib.core.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(self._stage_dir(stage) / "checkpoints")
+        if found is None:
+            return None
+        student = Student(self.domain.build_student(), ema_decays=self.cfg.train.ema_decays)
+        _load_prefix(student.model, "model/student/", found.tensors)
+        for i, ema in enumerate(student.ema):
+            _load_prefix(ema, f"ema/{i}/", found.tensors)
+        return student.to(self.device).eval()
 
 
     def evaluate_saved(self) -> dict[str, Any]:
         """Evaluate the saved teacher and the newest checkpoint of every student stage again."""
-        from kdlib.core.checkpoint import latest_checkpoint
-
         cfg = self.cfg
         teacher_model = self.domain.build_teacher()
-        load_weights(teacher_model, cfg.teacher.path or self.run_dir / "teacher.safetensors")
+        if cfg.teacher.path or not self.domain.teacher_is_pretrained:
+            load_weights(teacher_model, cfg.teacher.path or self.run_dir / "teacher.safetensors")
         teacher_model.to(self.device)
         results: dict[str, Any] = {
             "teacher": self.evaluate_models({"teacher": teacher_model}),
@@ -193,14 +207,9 @@ class Experiment:
         methods = [cfg.method] + ([cfg.baseline_method] if cfg.baseline else [])
         for seed in cfg.seeds:
             for method_name in methods:
-                found = latest_checkpoint(self._stage_dir(f"seed{seed}-{method_name}") / "checkpoints")
-                if found is None:
+                student = self.load_student(f"seed{seed}-{method_name}")
+                if student is None:
                     continue
-                student = Student(self.domain.build_student(), ema_decays=cfg.train.ema_decays)
-                _load_prefix(student.model, "model/student/", found.tensors)
-                for i, ema in enumerate(student.ema):
-                    _load_prefix(ema, f"ema/{i}/", found.tensors)
-                student.to(self.device)
                 results["seeds"].setdefault(method_name, {})[str(seed)] = self.evaluate_models(
                     student.evaluation_models()
                 )

@@ -107,7 +107,10 @@ def _plot(run_dir: Path, records_by_stage: dict[str, list[dict[str, Any]]], metr
     return made
 
 
-def write_report(run_dir: str | Path, cfg: Any, results: dict[str, Any], primary: tuple[str, bool]) -> Path:
+def write_report(
+    run_dir: str | Path, cfg: Any, results: dict[str, Any], primary: tuple[str, bool],
+    extra_sections: list[str] | None = None,
+) -> Path:
     run_dir = Path(run_dir)
     header, rows = results_rows(results)
     stages_dir = run_dir / "stages"
@@ -128,6 +131,7 @@ def write_report(run_dir: str | Path, cfg: Any, results: dict[str, Any], primary
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
+        *[section + "\n" for section in extra_sections or []],
         "Resolved configuration: `config.yaml`; every logged value: `stages/*/metrics.jsonl`; "
         "TensorBoard: `tensorboard --logdir " + str(run_dir / "stages") + "`.",
         "",
