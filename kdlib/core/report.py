@@ -62,49 +62,56 @@ def format_table(header: list[str], rows: list[list[str]], markdown: bool = Fals
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
-def _plot(run_dir: Path, records_by_stage: dict[str, list[dict[str, Any]]], metric: str) -> list[str]:
+def _method_of(stage: str) -> str:
+    """``seed3-logit_kd`` -> ``logit_kd``: seeds of one method share a colour in the plots."""
+    return stage.split("-", 1)[1] if stage.startswith("seed") and "-" in stage else stage
+
+
+def _plot_series(path: Path, series: dict[str, list[tuple[int, float]]], ylabel: str, title: str, log: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    methods = sorted({_method_of(stage) for stage in series})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labelled = set()
+    for stage, points in sorted(series.items()):
+        method = _method_of(stage)
+        label = None if method in labelled else method
+        labelled.add(method)
+        ax.plot(*zip(*points), color=colours[method], linewidth=1, alpha=0.8, label=label,
+                marker="o" if len(points) < 20 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot(run_dir: Path, records_by_stage: dict[str, list[dict[str, Any]]], metric: str) -> list[str]:
+    """plots/loss.png (training loss of every stage) and plots/metrics.png (held-out ``metric`` of
+    the raw student over steps); one colour per method, one line per seed."""
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    losses, metrics = {}, {}
     for stage, records in records_by_stage.items():
-        points = [
+        loss_points = [
             (r["step"], v) for r in records if "nonfinite_skipped" not in r
             for k, v in r.items() if k.endswith("/loss")
         ]
-        if points:
-            ax.plot(*zip(*points), label=stage, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("Training loss by stage")
-    fig.tight_layout()
-    fig.savefig(plots / "loss.png", dpi=110)
-    plt.close(fig)
-    made.append("plots/loss.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for stage, records in records_by_stage.items():
-        keys = sorted({k for r in records for k in r if k.endswith(f"/student/{metric}")})
-        for key in keys:
-            points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=f"{stage} {key.split('/')[0]}")
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
-    ax.set_title(f"Held-out {metric} over training")
-    fig.tight_layout()
-    fig.savefig(plots / "metrics.png", dpi=110)
-    plt.close(fig)
-    made.append("plots/metrics.png")
-    return made
+        if loss_points:
+            losses[stage] = loss_points
+        for key in sorted({k for r in records for k in r if k.endswith(f"/student/{metric}")}):
+            metrics[f"{stage} {key.split('/')[0]}"] = [(r["step"], r[key]) for r in records if key in r]
+    _plot_series(plots / "loss.png", losses, "training loss", "Training loss (one line per seed)", log=True)
+    _plot_series(plots / "metrics.png", metrics, metric, f"Held-out {metric} over training", log=False)
+    return ["plots/loss.png", "plots/metrics.png"]
 
 
 def write_report(
