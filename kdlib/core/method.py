@@ -62,6 +62,9 @@ class Method:
         """Which groups take an optimizer step at ``step`` (in order). Default: every group."""
         return list(self.trainable_modules())
 
-    def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The scalar loss for ``group`` on ``batch``, and named values to log."""
+    def loss(
+        self, batch: dict[str, torch.Tensor], group: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The scalar loss for ``group`` on ``batch``, and named values to log (detached scalar
+        tensors are best: the Trainer moves them to the host once per step)."""
         raise NotImplementedError

@@ -202,18 +202,22 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         wrapped = self.wrapped[group]
         micro = self._micro_batches()
-        loss_sum = 0.0
-        logged: dict[str, float] = {}
+        # Values stay on the device until one transfer after the backward passes: a host sync per
+        # micro-batch would stall the GPU pipeline.
+        loss_sum = torch.zeros((), device=self.device)
+        totals: dict[str, torch.Tensor | float] = {}
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not isinstance(wrapped, DistributedDataParallel)
             with (nullcontext() if sync else wrapped.no_sync()), self.autocast():
                 loss, values = self.method.loss(batch, group)
             (loss / len(micro)).backward()
-            loss_sum += float(loss.detach()) / len(micro)
+            loss_sum += loss.detach().float() / len(micro)
             for k, v in values.items():
-                logged[k] = logged.get(k, 0.0) + float(v) / len(micro)
+                totals[k] = totals.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) / len(micro)
         params = [p for p in self.modules[group].parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        loss_sum, grad_norm = torch.stack([loss_sum, norm.float().to(self.device)]).tolist()
+        logged = {k: float(v) for k, v in totals.items()}
         logged[f"{group}/loss"] = loss_sum
         logged[f"{group}/grad_norm"] = grad_norm
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
@@ -221,7 +225,7 @@ class Trainer:
             logged["skipped"] = 1.0
             return logged
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, torch.tensor(grad_norm))
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
         opt.step()
         self.schedules[group].step()
         logged[f"{group}/lr"] = self.schedules[group].get_last_lr()[0]

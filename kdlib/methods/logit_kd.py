@@ -35,7 +35,7 @@ class LogitKDConfig:
 class LogitKD(Method):
     Config = LogitKDConfig
 
-    def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
         student_logits = self.student(batch["x"])
         teacher_logits = self.teacher(batch["x"])
@@ -46,9 +46,9 @@ class LogitKD(Method):
             alpha=cfg.alpha, generator=cfg.generator, mask=mask, t2_scaling=True,
         )
         loss = cfg.soft_weight * soft
-        values = {"kd/soft": float(soft.detach())}
+        values = {"kd/soft": soft.detach()}
         if cfg.hard_weight and y is not None:
             hard = cross_entropy(student_logits, y)
             loss = loss + cfg.hard_weight * hard
-            values["kd/hard"] = float(hard.detach())
+            values["kd/hard"] = hard.detach()
         return loss, values
