@@ -257,7 +257,9 @@ class Trainer:
         if self.cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.cfg.steps, initial=self.step, desc=self.description, leave=False)
+            # disable=None: no bar when stderr is not a terminal (CI logs, nohup), where every
+            # refresh would become a line of its own.
+            progress = tqdm(total=self.cfg.steps, initial=self.step, desc=self.description, leave=False, disable=None)
         window: dict[str, list[float]] = {}
         for module in self.modules.values():
             module.train()
@@ -281,7 +283,7 @@ class Trainer:
                     self.log.log(self.step, means)
                     if progress is not None:
                         loss_keys = [k for k in means if k.endswith("/loss")]
-                        progress.set_postfix({k.split("/")[0]: f"{means[k]:.4f}" for k in loss_keys})
+                        progress.set_postfix({k.replace("/loss", " loss"): f"{means[k]:.4f}" for k in loss_keys})
                     window = {}
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                     self._evaluate()
