@@ -116,6 +116,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from kdlib.core.experiment import Experiment
+
+    experiment = Experiment(args.run_dir)
+    cfg = experiment.cfg
+    stage = args.stage or f"seed{cfg.seeds[0]}-{cfg.method}"
+    student = experiment.load_student(stage)
+    if student is None:
+        raise FileNotFoundError(f"{args.run_dir}: stage {stage!r} has no checkpoint to sample from")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / f"{stage}-{args.steps}step"
+    files = experiment.domain.write_samples(student.model, out, args.count, args.steps)
+    print(f"kdlib: wrote {len(files)} files to {out}")
+    return 0
+
+
 def benchmarks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -152,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's teacher and final students again")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("sample", help="write samples of a run's trained student")
+    p.add_argument("run_dir")
+    p.add_argument("--stage", default=None, help="stage to sample from (default: the first seed's distilled student)")
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--steps", type=int, default=1, help="sampling steps")
+    p.add_argument("--out", default=None, help="output folder (default: <run_dir>/samples/<stage>-<steps>step)")
+    p.set_defaults(func=cmd_sample)
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)

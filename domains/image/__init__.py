@@ -60,3 +60,7 @@ class ImageDomain(Domain):
 
     def evaluate(self, model: torch.nn.Module, split: TensorDataset) -> dict[str, float]:
         return classification_metrics(model, split)
+
+
+# The generative recipes are a second registered domain, ``image-gen`` (domains/image/gen.py).
+from domains.image import gen as _gen  # noqa: E402, F401

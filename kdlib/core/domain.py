@@ -63,6 +63,18 @@ class Domain:
     def build_student(self) -> nn.Module:
         raise NotImplementedError
 
+    def load_teacher_weights(self, model: nn.Module, path: str) -> nn.Module:
+        """Load ``teacher.path`` into the teacher network. Domains that ship teachers resolve
+        relative paths against their package here. Default: the path as given."""
+        from kdlib.core.checkpoint import load_weights
+
+        return load_weights(model, path)
+
+    def write_samples(self, model: nn.Module, out_dir: Path, count: int, steps: int) -> list[Path]:
+        """``kdlib sample``: write ``count`` samples of a trained student (``steps`` sampling
+        steps) under ``out_dir``; returns the files written. Generative domains implement it."""
+        raise NotImplementedError(f"domain {self.name!r} does not generate samples")
+
     def batch_order(self, train: TensorDataset, batch_size: int, seed: int) -> BatchOrder | None:
         """The order in which training examples are drawn; None: uniform, reshuffled each epoch."""
         return None

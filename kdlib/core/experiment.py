@@ -133,7 +133,7 @@ class Experiment:
         seed_everything(cfg.seeds[0])
         model = self.domain.build_teacher()
         if cfg.teacher.path is not None:
-            load_weights(model, cfg.teacher.path)
+            self.domain.load_teacher_weights(model, cfg.teacher.path)
         elif weights.exists():
             load_weights(model, weights)
         elif not self.domain.teacher_is_pretrained:
@@ -196,8 +196,10 @@ class Experiment:
         """Evaluate the saved teacher and the newest checkpoint of every student stage again."""
         cfg = self.cfg
         teacher_model = self.domain.build_teacher()
-        if cfg.teacher.path or not self.domain.teacher_is_pretrained:
-            load_weights(teacher_model, cfg.teacher.path or self.run_dir / "teacher.safetensors")
+        if cfg.teacher.path:
+            self.domain.load_teacher_weights(teacher_model, cfg.teacher.path)
+        elif not self.domain.teacher_is_pretrained:
+            load_weights(teacher_model, self.run_dir / "teacher.safetensors")
         teacher_model.to(self.device)
         results: dict[str, Any] = {
             "teacher": self.evaluate_models({"teacher": teacher_model}),

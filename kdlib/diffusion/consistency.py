@@ -1,0 +1,114 @@
+"""The consistency parameterisation and few-step consistency sampling (Song et al. 2023,
+"Consistency Models"; Luo et al. 2023, LCM).
+
+A consistency function maps any point (x_t, t) of a PF-ODE trajectory to its origin x0 and must
+satisfy the boundary condition f(x, t_min) = x exactly, for any network weights. Built on a
+``kdlib.diffusion.param`` parameterisation and a network ``net(x, t, **cond)``:
+
+- ``boundary="param"``: f = x̂0(x_t, net) of the parameterisation. Exact for "fm" and "trigflow"
+  (α(0) = 1, σ(0) = 0 and their x̂0 has no division by σ: f(x, 0) = x).
+- ``boundary="cm"``: f = c_skip(t)·x_t + (1 − c_skip(t))·x̂0 with
+  c_skip = σ_d² / ((r − r_min)² + σ_d²), r = σ(t)/α(t) (the paper's c_skip, eq. in §3, written in
+  the noise-to-signal ratio so it applies to every parameterisation; c_skip(t_min) = 1).
+
+States [B, ...] of any trailing shape; t [B].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdlib.diffusion.param import Parameterisation, expand
+
+EXACT_BOUNDARY = ("fm", "trigflow")
+
+
+class ConsistencyModel(nn.Module):
+    """f(x_t, t, **cond) -> x0 estimate [B, ...]; ``net`` is the wrapped prediction network
+    (initialise it from a teacher of the same parameterisation for distillation)."""
+
+    def __init__(self, net: nn.Module, param: Parameterisation, boundary: str | None = None, sigma_data: float = 0.5):
+        super().__init__()
+        boundary = boundary or ("param" if param.name in EXACT_BOUNDARY else "cm")
+        if boundary not in ("param", "cm"):
+            raise ValueError(f"ConsistencyModel: boundary must be 'param' or 'cm', got {boundary!r}")
+        if boundary == "param" and param.name not in EXACT_BOUNDARY:
+            raise ValueError(f"ConsistencyModel: {param.name!r} has no exact boundary of its own; use boundary='cm'")
+        self.net, self.param, self.boundary, self.sigma_data = net, param, boundary, sigma_data
+
+    def c_skip(self, t: torch.Tensor) -> torch.Tensor:
+        r_min = self.param.ratio(torch.full_like(t, self.param.t_min))
+        r = self.param.ratio(t)
+        return self.sigma_data**2 / ((r - r_min) ** 2 + self.sigma_data**2)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        x0, _ = self.param.to_x0_eps(x_t, self.param.predict(self.net, x_t, t, **cond), t)
+        if self.boundary == "param":
+            return x0
+        c = expand(self.c_skip(t), x_t)
+        return c * x_t + (1 - c) * x0
+
+
+@torch.no_grad()
+def consistency_sample(model: nn.Module, param: Parameterisation, noise: torch.Tensor,
+                       times: list[float] | tuple[float, ...], generator: torch.Generator | None = None,
+                       **cond) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): start from pure noise at
+    ``times[0]``, map to x0 with ``model(x_t, t, **cond)``, re-noise to the next time, repeat.
+    noise: [B, ...] ~ N(0, I); times: decreasing, in the parameterisation's range."""
+    if not times:
+        raise ValueError("consistency_sample: times must hold at least one time")
+    if any(a <= b for a, b in zip(times, times[1:])):
+        raise ValueError(f"consistency_sample: times must decrease, got {list(times)}")
+    b = noise.shape[0]
+    t = torch.full((b,), float(times[0]), device=noise.device, dtype=noise.dtype)
+    alpha, sigma = param.alpha_sigma(t)
+    # At t_max α may be 0 (fm) or ≪ σ (edm): the state is noise at the path's scale.
+    x = expand(sigma, noise) * noise
+    for i, t_val in enumerate(times):
+        t = torch.full((b,), float(t_val), device=noise.device, dtype=noise.dtype)
+        x0 = model(x, t, **cond)
+        if i + 1 < len(times):
+            fresh = torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
+            x = param.add_noise(x0, fresh, torch.full_like(t, float(times[i + 1])))
+    return x0
+
+
+def default_times(param: Parameterisation, steps: int) -> list[float]:
+    """``steps`` sampling times for a consistency model: t_max, then evenly spaced in the
+    parameterisation's own sampling grid (e.g. 2 steps for fm: [1.0, 0.5])."""
+    grid = param.timesteps(steps)
+    return [float(v) for v in grid[:-1]]
+
+
+def discretisation(param: Parameterisation, n: int, device=None) -> torch.Tensor:
+    """``n + 1`` boundary times of the consistency discretisation, ascending from t_min to t_max
+    (the parameterisation's own sampling grid reversed: Karras ρ=7 for EDM, uniform for fm)."""
+    return param.timesteps(n, device=device).flip(0)
+
+
+def noise_ratio(param: Parameterisation, t: torch.Tensor, cap: float = 80.0) -> torch.Tensor:
+    """σ/α capped at ``cap`` (EDM's σ_max): the EDM noise level of a time, finite at t_max even
+    where α(t_max) = 0 (fm, trigflow)."""
+    return param.ratio(t).clamp(max=cap).nan_to_num(cap)
+
+
+def lognormal_interval_probs(param: Parameterisation, grid: torch.Tensor, p_mean: float = -1.1,
+                             p_std: float = 2.0) -> torch.Tensor:
+    """iCT's discrete log-normal proposal over the intervals [grid_i, grid_{i+1}] ([N] from [N+1]):
+    p(i) ∝ erf((log σ_{i+1} − P_mean)/(√2 P_std)) − erf((log σ_i − P_mean)/(√2 P_std)), σ the
+    EDM noise level (Song & Dhariwal 2023, §3.5; P_mean = −1.1, P_std = 2.0)."""
+    log_sigma = torch.log(noise_ratio(param, grid.double()).clamp(min=1e-12))
+    cdf = torch.erf((log_sigma - p_mean) / (2**0.5 * p_std))
+    probs = (cdf[1:] - cdf[:-1]).clamp(min=0)
+    return probs / probs.sum()
+
+
+def ict_discretisation_steps(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's exponential curriculum N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 with
+    K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋ (Song & Dhariwal 2023, eq. 7): the number of intervals at step k."""
+    import math
+
+    k_prime = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
+    return min(s0 * 2 ** (step // k_prime), s1) + 1

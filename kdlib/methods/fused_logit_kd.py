@@ -1,0 +1,76 @@
+"""Logit KD for language models through the fused LM-head kernel: the [B·T, V] logits never exist.
+
+Same loss as ``logit_kd`` (Hinton et al. 2015; see kdlib/methods/logit_kd.py):
+
+    loss = soft_weight · T² · D(p_teacher^T ‖ p_student^T) + hard_weight · CE(student, y)
+
+averaged over the tokens whose target y is not -100, but computed by
+``kdlib.kernels.fused_linear_divergence`` from the last hidden states and LM-head weights of
+student and teacher, chunk by chunk. ``logit_kd`` stays the plain path it is checked against.
+
+Models must follow the LM protocol of ``domains.llm`` (``CausalLM``): ``model(x, output="hidden")``
+-> [B, T, H]; attributes ``head_weight`` [V, H], ``head_bias`` [V] or None and ``vocab_size`` (real
+tokens; rows past it are padding, masked by the kernel's ``vocab_size``). Student and teacher must
+agree on the real vocabulary size (the domain also compares their tokenizers).
+Defaults as ``logit_kd``: T=4, soft_weight=0.9, hard_weight=0.1, kind="fkl".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdlib.core.method import Method, register_method
+from kdlib.kernels import fused_linear_divergence
+
+
+@dataclass
+class FusedLogitKDConfig:
+    temperature: float = 4.0
+    soft_weight: float = 0.9
+    hard_weight: float = 0.1
+    kind: str = "fkl"
+    beta: float = 0.5  # jsd only
+    alpha: float = 0.1  # skew_fkl / skew_rkl only
+    generator: str | None = None  # kind="f" only
+    chunk_size: int | None = None  # tokens per chunk; None: the kernel's memory-budget default
+    backend: str | None = None  # None: the kernel's dispatch (triton on CUDA, chunked torch on CPU)
+
+
+def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(weight [V, H], bias [V] or None, real vocab size) of a model following the LM protocol."""
+    for attr in ("head_weight", "head_bias", "vocab_size"):
+        if not hasattr(model, attr):
+            raise TypeError(f"fused_logit_kd: {type(model).__name__} has no {attr!r}; the model must follow the "
+                            "LM protocol (forward(x, output='hidden'), head_weight, head_bias, vocab_size)")
+    return model.head_weight, model.head_bias, model.vocab_size
+
+
+@register_method("fused_logit_kd")
+class FusedLogitKD(Method):
+    Config = FusedLogitKDConfig
+
+    def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        if cfg.soft_weight <= 0:
+            raise ValueError("fused_logit_kd: soft_weight must be > 0 (for CE alone use 'supervised')")
+        w, b, vocab = lm_head(self.student.model)
+        tw, tb, t_vocab = lm_head(self.teacher.model)
+        if vocab != t_vocab:
+            raise ValueError(f"fused_logit_kd: student has {vocab} real tokens, teacher {t_vocab}")
+        hidden = self.student(batch["x"], output="hidden")
+        t_hidden = self.teacher(batch["x"], output="hidden").to(hidden.dtype)
+        y = batch.get("y")
+        hard = cfg.hard_weight if y is not None else 0.0
+        pad = vocab if vocab < max(w.shape[0], tw.shape[0]) else None
+        # The kernel weighs the hard term against a unit soft term: scale both by soft_weight.
+        loss = cfg.soft_weight * fused_linear_divergence(
+            hidden.flatten(0, -2), w, t_hidden.flatten(0, -2), tw.to(hidden.dtype),
+            kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha, generator=cfg.generator,
+            temperature=cfg.temperature, t2_scaling=True,
+            labels=None if y is None else y.flatten(), hard_weight=hard / cfg.soft_weight,
+            student_bias=b, teacher_bias=None if tb is None else tb.to(hidden.dtype),
+            vocab_size=pad, chunk_size=cfg.chunk_size, backend=cfg.backend,
+        )
+        return loss, {"kd/fused": float(loss.detach())}

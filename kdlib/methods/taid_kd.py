@@ -1,0 +1,74 @@
+"""TAID distillation (Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for
+Efficient Knowledge Transfer in Language Models", ICLR 2025).
+
+    loss = KL(p_λ ‖ p_student) + hard_weight · CE(student, y),
+    p_λ = softmax(((1 − λ) · sg(z_student) + λ · z_teacher) / T)
+
+with λ rising from ``lambda_start`` to ``lambda_end`` over the run's steps, adaptively faster while
+the loss still improves quickly (``kdlib.objectives.TAID``, paper eq. 5–7 and Alg. 1). λ advances
+once per optimizer step, from the previous step's TAID loss. Defaults as in the paper's recipe:
+λ 0.4 -> 1.0, rate 5e-4, momentum 0.99, T = 1, hard_weight 0.
+
+Resume: λ's adaptive state is not in checkpoints (the Trainer saves trainable modules only); a
+resumed run restarts the adaptive part from the linear floor at its step, so set
+``adaptive: false`` where bit-exact resume matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdlib.core.method import Method, register_method
+from kdlib.objectives import TAID, cross_entropy
+
+
+@dataclass
+class TAIDKDConfig:
+    total_steps: int = 500  # the schedule's length: set it to train.steps
+    lambda_start: float = 0.4
+    lambda_end: float = 1.0
+    rate: float = 5e-4
+    momentum: float = 0.99
+    adaptive: bool = True
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+
+
+@register_method("taid_kd")
+class TAIDKD(Method):
+    Config = TAIDKDConfig
+
+    def __init__(self, config, student, teacher):
+        super().__init__(config, student, teacher)
+        self.taid = TAID(config.total_steps, lambda_start=config.lambda_start, lambda_end=config.lambda_end,
+                         rate=config.rate, momentum=config.momentum, adaptive=config.adaptive,
+                         temperature=config.temperature)
+        self._step_losses: list[float] = []
+        self._last_step = None
+
+    def update_groups(self, step: int) -> list[str]:
+        # The Trainer asks once per optimizer step: the moment to advance λ by the last step's loss.
+        if self._last_step is not None and step > self._last_step and self._step_losses:
+            self.taid.steps.fill_(self._last_step)
+            self.taid.step(sum(self._step_losses) / len(self._step_losses))
+        elif self._last_step is None and step > 0:
+            # Resumed: rejoin the linear floor at this step (see the module docstring).
+            self.taid.steps.fill_(step - 1)
+            self.taid.step(float("nan"))
+        self._last_step, self._step_losses = step, []
+        return super().update_groups(step)
+
+    def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.student(batch["x"])
+        teacher_logits = self.teacher(batch["x"])
+        y = batch.get("y")
+        mask = None if y is None else y != -100
+        soft = self.taid(logits, teacher_logits, mask=mask)
+        self._step_losses.append(float(soft.detach()))
+        loss = soft
+        values = {"taid/loss": float(soft.detach()), "taid/lambda": self.taid.current_lambda}
+        if self.config.hard_weight and y is not None:
+            loss = loss + self.config.hard_weight * cross_entropy(logits, y)
+        return loss, values
