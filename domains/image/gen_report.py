@@ -10,6 +10,7 @@ import torch
 
 COLUMNS = [("fd_digits", "FD-digits ↓"), ("kid_digits", "KID-digits ↓"), ("precision", "precision"),
            ("recall", "recall"), ("diversity", "diversity"), ("class_acc", "class acc")]
+PAIRED_HEADER = ["model", "steps", *[c for _, c in COLUMNS], "latency ms/image", "speed-up"]
 
 
 def paired_rows(results: dict, teacher_steps: list[int], student_steps: list[int],
@@ -65,8 +66,7 @@ def report_section(domain, run_dir: Path, teacher: torch.nn.Module, students: di
 
     cfg = domain.model_config
     results = json.loads((run_dir / "results.json").read_text())
-    header = ["model", "steps", *[c for _, c in COLUMNS], "latency ms/image", "speed-up"]
-    table = format_table(header, paired_rows(results, cfg.teacher_steps, cfg.student_steps), markdown=True)
+    table = format_table(PAIRED_HEADER, paired_rows(results, cfg.teacher_steps, cfg.student_steps), markdown=True)
     noise, labels = grid_noise(next(teacher.parameters()).device)
     rows = [(f"teacher {n} steps", domain.generate(teacher, noise, labels, n)) for n in cfg.teacher_steps]
     for method, student in students.items():

@@ -27,6 +27,7 @@ from domains.llm.models import (
     resolve_teacher_folder,
     student_from_scratch,
     student_from_teacher,
+    student_lora,
 )
 from kdlib.core.data import TensorDataset
 from kdlib.core.domain import Domain, register_domain
@@ -58,13 +59,18 @@ class LLMDataConfig:
 class LLMModelConfig:
     teacher: str = "smollm2-135m-instruct"  # a shipped teacher's name or a local transformers folder
     # "layers": every ``student_every``-th teacher layer (plus the last), embeddings and head copied;
-    # "scratch": a smaller random model of the teacher's family; or a local transformers folder.
+    # "scratch": a smaller random model of the teacher's family; "lora": the teacher itself (weights
+    # copied, frozen) with trainable peft LoRA adapters on ``lora_targets``; or a local transformers folder.
     student: str = "layers"
     student_every: int = 10
     scratch_layers: int = 4
     scratch_hidden: int = 192
     scratch_heads: int = 3
     scratch_intermediate: int = 512
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_dropout: float = 0.0
     # Keep the (teacher's) token embeddings and LM head fixed: on CPU their gradient and optimizer
     # state are most of a step's cost for a narrow-depth student, and the cut student already has them.
     freeze_embeddings: bool = False
@@ -114,6 +120,8 @@ class LLMDomain(Domain):
         elif cfg.student == "scratch":
             student = student_from_scratch(teacher, cfg.scratch_layers, cfg.scratch_hidden, cfg.scratch_heads,
                                            cfg.scratch_intermediate)
+        elif cfg.student == "lora":
+            student = student_lora(teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
         else:
             check_same_tokenizer(self.tokenizer(), load_tokenizer(cfg.student))
             student = load_causal_lm(cfg.student)

@@ -10,6 +10,8 @@ Any local causal-LM folder (``config.json`` + weights + tokenizer) works as a te
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -33,6 +35,8 @@ class CausalLM(nn.Module):
     hidden states [B, T, H] (for the fused LM-head loss, which never materialises the logits).
     ``head_weight`` [V, H] / ``head_bias`` [V] or None: the LM head; ``vocab_size``: the number of
     real tokens (the tokenizer's length), rows past it are padding.
+    ``generate``: batched, KV-cached continuation of prompts, the interface of
+    ``kdlib.core.generation`` (used by on-policy and sequence-level distillation).
     """
 
     def __init__(self, lm: nn.Module, vocab_size: int):
@@ -40,21 +44,77 @@ class CausalLM(nn.Module):
         self.lm = lm
         self.vocab_size = vocab_size
 
+    @property
+    def hf(self) -> nn.Module:
+        """The transformers ``*ForCausalLM`` module that runs (subclasses may wrap it, e.g. LoRA)."""
+        return self.lm
+
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
-        hidden = self.lm.model(input_ids=x, use_cache=False).last_hidden_state
+        hidden = self.hf.model(input_ids=x, use_cache=False).last_hidden_state
         if output == "hidden":
             return hidden
         if output != "logits":
             raise ValueError(f"CausalLM: output must be 'logits' or 'hidden', got {output!r}")
-        return self.lm.lm_head(hidden)
+        return self.hf.lm_head(hidden)
 
     @property
     def head_weight(self) -> torch.Tensor:
-        return self.lm.lm_head.weight
+        return self.hf.lm_head.weight
 
     @property
     def head_bias(self) -> torch.Tensor | None:
-        return self.lm.lm_head.bias
+        return self.hf.lm_head.bias
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continue ``prompt_ids`` [B, P] by ``max_new_tokens`` = T tokens in one batched, KV-cached
+        transformers ``generate``: sampling at ``temperature`` over the full real vocabulary (no
+        top-k/top-p), or greedy for ``temperature == 0``; stops a row at its first EOS.
+
+        Returns ``ids`` [B, P+T] (prompt verbatim; rows that stopped early are padded) and
+        ``attention_mask`` [B, P+T] (0 strictly after a row's first generated EOS). ``generator``
+        seeds the sampling (torch's global RNG is left as it was); None uses the global RNG."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1 or prompt_ids.is_floating_point():
+            raise ValueError(f"CausalLM.generate: prompt_ids must be token ids [B, P>=1], got "
+                             f"{prompt_ids.dtype} {tuple(prompt_ids.shape)}")
+        if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= self.vocab_size):
+            raise ValueError(f"CausalLM.generate: prompt ids must be in [0, {self.vocab_size})")
+        if max_new_tokens < 1 or temperature < 0:
+            raise ValueError(f"CausalLM.generate: need max_new_tokens >= 1 and temperature >= 0, got "
+                             f"{max_new_tokens} and {temperature}")
+        lm, prompt = self.hf, prompt_ids.long()
+        eos = _token_list(lm.generation_config.eos_token_id) or _token_list(lm.config.eos_token_id)
+        pad = _token_list(lm.generation_config.pad_token_id) or _token_list(lm.config.pad_token_id) or eos or [0]
+        sample = temperature > 0
+        # Every sampling knob is explicit: a checkpoint's generation_config (top_k=50, top_p=0.9, ...)
+        # would otherwise truncate the distribution that on-policy distillation must sample from.
+        knobs = dict(temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0) if sample else {}
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, use_cache=True,
+                                  repetition_penalty=1.0, eos_token_id=eos or None, pad_token_id=pad[0], **knobs)
+        processors = LogitsProcessorList()
+        if self.head_weight.shape[0] > self.vocab_size:
+            processors.append(_RealVocab(self.vocab_size))
+        was_training = lm.training
+        lm.eval()  # no dropout while generating; the caller's mode is restored below
+        try:
+            with _seeded(generator, prompt.device):
+                out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                                  logits_processor=processors)
+        finally:
+            lm.train(was_training)
+        length = prompt.shape[1] + max_new_tokens
+        produced = out.shape[1] - prompt.shape[1]
+        # generate stops once every row has ended: pad the batch back to exactly T new positions.
+        ids = torch.cat([out, out.new_full((out.shape[0], length - out.shape[1]), pad[0])], 1)
+        new = ids[:, prompt.shape[1]:]
+        ended = torch.isin(new, torch.tensor(eos or [-1], device=new.device))
+        after = (ended.cumsum(1) - ended.long()) > 0  # strictly after the first EOS: keep the EOS itself
+        after[:, produced:] = True
+        mask = torch.cat([torch.ones_like(prompt), (~after).long()], 1)
+        return ids, mask
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
         """A transformers folder that ``AutoModelForCausalLM.from_pretrained(path)`` loads back."""
@@ -63,6 +123,59 @@ class CausalLM(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         return path
+
+
+class LoRACausalLM(CausalLM):
+    """A CausalLM whose ``lm`` is a peft ``PeftModel``: frozen base weights plus trainable LoRA
+    adapters. It runs like its base model with the adapters applied; ``save_pretrained`` writes the
+    merged weights (W + (alpha / r) B A) as a plain transformers folder, leaving this model as is."""
+
+    @property
+    def hf(self) -> nn.Module:
+        return self.lm.get_base_model()
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
+        path = Path(path)
+        # merge_and_unload rewrites the modules it merges: merge a copy, keep training this one.
+        merged = copy.deepcopy(self.lm).merge_and_unload()
+        merged.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return path
+
+
+def _token_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _seeded(generator: torch.Generator | None, device: torch.device):
+    """A context in which torch's RNG is seeded from ``generator`` and restored afterwards
+    (transformers samples with the global RNG); a no-op without a generator."""
+    if generator is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def scope():
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return scope()
+
+
+class _RealVocab:
+    """A transformers logits processor that gives the padding rows of the head (ids >= vocab) -inf."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.vocab:] = -float("inf")
+        return scores
 
 
 def shipped_teacher_folder(name: str = "smollm2-135m-instruct") -> Path:
@@ -174,6 +287,30 @@ def student_from_scratch(teacher: CausalLM, layers: int, hidden: int, heads: int
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:layers]
     return CausalLM(AutoModelForCausalLM.from_config(config), teacher.vocab_size)
+
+
+def student_lora(teacher: CausalLM, rank: int, alpha: float, targets: list[str], dropout: float = 0.0) -> LoRACausalLM:
+    """The teacher's architecture and weights (copied, frozen) with peft LoRA adapters of ``rank`` on
+    the linear layers whose names end in one of ``targets`` (e.g. q_proj, v_proj): only the adapters
+    train. The adapters start at B = 0, so the student starts as an exact copy of the teacher."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.student='lora' needs peft: pip install peft (or kdlib[llm])") from None
+    if rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA student: need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got "
+                         f"{rank}, {alpha}, {dropout}")
+    if not targets:
+        raise ValueError("LoRA student: model.lora_targets is empty; name the linear layers to adapt, e.g. "
+                         "[q_proj, k_proj, v_proj, o_proj]")
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in teacher.hf.named_modules() if isinstance(m, nn.Linear)})
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise ValueError(f"LoRA student: model.lora_targets {missing} match no linear layer of the teacher; "
+                         f"its linear layers are {linear}")
+    base = copy.deepcopy(teacher.hf).requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    return LoRACausalLM(get_peft_model(base, config), teacher.vocab_size)
 
 
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:

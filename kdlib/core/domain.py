@@ -70,10 +70,20 @@ class Domain:
 
         return load_weights(model, path)
 
+    def results_table(self, results: dict) -> str | None:
+        """The table ``kdlib distill``/``eval`` print for ``results`` (results.json's content);
+        None: the generic one row per model, one column per metric."""
+        return None
+
     def write_samples(self, model: nn.Module, out_dir: Path, count: int, steps: int) -> list[Path]:
         """``kdlib sample``: write ``count`` samples of a trained student (``steps`` sampling
         steps) under ``out_dir``; returns the files written. Generative domains implement it."""
         raise NotImplementedError(f"domain {self.name!r} does not generate samples")
+
+    def export_student(self, model: nn.Module, out_dir: Path, format: str) -> Path:
+        """``kdlib export``: write a trained student in another framework's format (e.g.
+        "diffusers") under ``out_dir``; returns the folder written. Default: not supported."""
+        raise NotImplementedError(f"domain {self.name!r} cannot export students (format {format!r})")
 
     def batch_order(self, train: TensorDataset, batch_size: int, seed: int) -> BatchOrder | None:
         """The order in which training examples are drawn; None: uniform, reshuffled each epoch."""

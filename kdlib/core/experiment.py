@@ -157,7 +157,7 @@ class Experiment:
         }
         variants = [(cfg.method, cfg.method_args, teacher)]
         if cfg.baseline:
-            variants.append((cfg.baseline_method, METHODS.get(cfg.baseline_method).Config(), None))
+            variants.append((cfg.baseline_method, cfg.baseline_args, None))
         for seed in cfg.seeds:
             for method_name, method_cfg, maybe_teacher in variants:
                 name = f"seed{seed}-{method_name}"

@@ -91,3 +91,10 @@ def continuation_targets(ids: torch.Tensor, mask: torch.Tensor, prompt_tokens: i
     keep = mask[:, 1:].bool() & generated
     y = torch.where(keep, targets, torch.full_like(targets, -100))
     return {"x": x, "y": y, "keep": keep}
+
+
+def step_generator() -> torch.Generator:
+    """A fresh CPU generator seeded from torch's global RNG: what a method draws per batch (coin
+    flips, sampling) is then fixed by ``torch.manual_seed`` and resumes exactly with the global RNG
+    state that checkpoints carry, while the generation itself leaves the global RNG untouched."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))

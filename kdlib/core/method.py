@@ -62,6 +62,11 @@ class Method:
         """Which groups take an optimizer step at ``step`` (in order). Default: every group."""
         return list(self.trainable_modules())
 
+    def trained_with(self, group: str) -> list[str]:
+        """Groups that ``group``'s loss trains too, in the same backward pass and update (e.g.
+        sCM's adaptive loss weight with the student). They must not appear in ``update_groups``."""
+        return []
+
     def loss(
         self, batch: dict[str, torch.Tensor], group: str
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:

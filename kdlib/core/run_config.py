@@ -2,8 +2,9 @@
 
 Top-level keys: ``domain``, ``method``, ``seeds``, ``baseline``, ``runs_dir``, and the sections
 ``train`` (the student's loop), ``teacher`` (where the teacher comes from and, if the recipe trains
-it, its loop), ``data`` and ``model`` (typed by the domain) and ``method_args`` (typed by the
-method). ``resolve_config`` builds the specialised dataclass and checks every key and value.
+it, its loop), ``data`` and ``model`` (typed by the domain), ``method_args`` (typed by the
+method) and ``baseline_args`` (typed by ``baseline_method``). ``resolve_config`` builds the
+specialised dataclass and checks every key and value.
 """
 
 from __future__ import annotations
@@ -77,8 +78,7 @@ def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
     try:
         domain_cls = DOMAINS.get(raw["domain"])
         method_cls = METHODS.get(raw["method"])
-        if raw.get("baseline", True):
-            METHODS.get(raw.get("baseline_method", "supervised"))
+        baseline_cls = METHODS.get(raw.get("baseline_method", "supervised"))
     except KeyError as exc:
         raise ConfigError(f"{source}: {exc.args[0]}") from None
     cls = dataclasses.make_dataclass(
@@ -87,6 +87,7 @@ def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
             ("data", domain_cls.DataConfig, field(default_factory=domain_cls.DataConfig)),
             ("model", domain_cls.ModelConfig, field(default_factory=domain_cls.ModelConfig)),
             ("method_args", method_cls.Config, field(default_factory=method_cls.Config)),
+            ("baseline_args", baseline_cls.Config, field(default_factory=baseline_cls.Config)),
         ],
         bases=(RunConfigBase,),
     )
@@ -117,8 +118,20 @@ def load_run_config(recipe: str | Path, overrides: list[str] | None = None, *, d
     raw = load_yaml(recipe)
     if domain is not None:
         raw.setdefault("domain", domain)
-        if raw["domain"] != domain:
+        if raw["domain"] != domain and not _same_recipe_family(raw["domain"], domain):
             raise ConfigError(f"recipe {recipe} is for domain {raw['domain']!r}, not {domain!r}")
     raw = deep_merge(raw, parse_overrides(overrides or []))
     source = f"recipe {recipe}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     return resolve_config(raw, source=source)
+
+
+def _same_recipe_family(recipe_domain: str, cli_domain: str) -> bool:
+    """Domains that share a recipes folder (e.g. ``image`` and ``image-gen``) run each other's
+    recipes: ``kdlib distill image`` may run a generative recipe that names ``domain: image-gen``."""
+    from kdlib.core.domain import DOMAINS
+
+    try:
+        a, b = DOMAINS.get(recipe_domain), DOMAINS.get(cli_domain)
+    except KeyError:
+        return False
+    return a.recipes_dir is not None and a.recipes_dir == b.recipes_dir

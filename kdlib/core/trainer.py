@@ -106,6 +106,10 @@ class Trainer:
         self.order = order or BatchOrder(size=len(data), batch_size=cfg.batch_size, seed=seed)
         self.modules = method.trainable_modules()
         self.wrapped = {name: self._wrap(name, m) for name, m in self.modules.items()}
+        if self.dist.enabled and any(method.trained_with(g) for g in self.modules):
+            # Their forward does not run through a DDP wrapper, so nothing would average their gradients.
+            raise NotImplementedError(f"method {method.name!r} trains groups jointly (trained_with), "
+                                      "which is not supported under torchrun yet; run it in one process")
         self.optimizers = {
             name: _make_optimizer([p for p in m.parameters() if p.requires_grad], cfg)
             for name, m in self.modules.items()
@@ -198,8 +202,9 @@ class Trainer:
 
     def _update(self, group: str) -> dict[str, float]:
         """One optimizer step of ``group``; returns what to log (``skipped`` if non-finite)."""
-        opt = self.optimizers[group]
-        opt.zero_grad(set_to_none=True)
+        groups = [group, *self.method.trained_with(group)]
+        for g in groups:
+            self.optimizers[g].zero_grad(set_to_none=True)
         wrapped = self.wrapped[group]
         micro = self._micro_batches()
         # Values stay on the device until one transfer after the backward passes: a host sync per
@@ -214,20 +219,22 @@ class Trainer:
             loss_sum += loss.detach().float() / len(micro)
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) / len(micro)
-        params = [p for p in self.modules[group].parameters() if p.grad is not None]
+        params = [p for g in groups for p in self.modules[g].parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         loss_sum, grad_norm = torch.stack([loss_sum, norm.float().to(self.device)]).tolist()
         logged = {k: float(v) for k, v in totals.items()}
         logged[f"{group}/loss"] = loss_sum
         logged[f"{group}/grad_norm"] = grad_norm
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)
+            for g in groups:
+                self.optimizers[g].zero_grad(set_to_none=True)
             logged["skipped"] = 1.0
             return logged
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
-        opt.step()
-        self.schedules[group].step()
+        for g in groups:
+            self.optimizers[g].step()
+            self.schedules[g].step()
         logged[f"{group}/lr"] = self.schedules[group].get_last_lr()[0]
         return logged
 

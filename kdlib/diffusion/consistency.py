@@ -11,6 +11,17 @@ satisfy the boundary condition f(x, t_min) = x exactly, for any network weights.
   c_skip = σ_d² / ((r − r_min)² + σ_d²), r = σ(t)/α(t) (the paper's c_skip, eq. in §3, written in
   the noise-to-signal ratio so it applies to every parameterisation; c_skip(t_min) = 1).
 
+Segmented consistency (multistep CD: Heek et al. 2024; MLCM, Xie et al. 2024; Hyper-SD's TSCD,
+Ren et al. 2024): the time range is cut at S + 1 edges e_0 = t_min < ... < e_S = t_max and a point
+(x_t, t) maps to the trajectory's point at the lower edge e of its segment, not to x0:
+
+    f(x_t, t; e) = α(e)·x̂0 + σ(e)·ε̂,   (x̂0, ε̂) = the network's estimates at (x_t, t)
+
+(a deterministic DDIM step t -> e with the student's estimates). f(x, e; e) = x at every edge for
+any weights, because every parameterisation's (x̂0, ε̂) satisfy α(t)·x̂0 + σ(t)·ε̂ = x_t. Sampling
+with S steps walks edge to edge (``segment_sample``); ``few_step_sample`` picks that sampler for a
+model trained as segmented (``ConsistencyModel.segments`` > 0) and Algorithm 1 otherwise.
+
 States [B, ...] of any trailing shape; t [B].
 """
 
@@ -19,14 +30,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdlib.diffusion.guidance import guided_prediction
 from kdlib.diffusion.param import Parameterisation, expand
+from kdlib.diffusion.samplers import ddim_step
 
 EXACT_BOUNDARY = ("fm", "trigflow")
 
 
 class ConsistencyModel(nn.Module):
     """f(x_t, t, **cond) -> x0 estimate [B, ...]; ``net`` is the wrapped prediction network
-    (initialise it from a teacher of the same parameterisation for distillation)."""
+    (initialise it from a teacher of the same parameterisation for distillation).
+
+    ``f(x_t, t, edge=e, **cond)`` is the segmented consistency function (module docstring); e [B].
+    The buffer ``segments`` (0: a plain consistency model) is set by segmented training; it is
+    saved with the weights so that a reloaded student samples the way it was trained.
+    """
 
     def __init__(self, net: nn.Module, param: Parameterisation, boundary: str | None = None, sigma_data: float = 0.5):
         super().__init__()
@@ -36,14 +54,17 @@ class ConsistencyModel(nn.Module):
         if boundary == "param" and param.name not in EXACT_BOUNDARY:
             raise ValueError(f"ConsistencyModel: {param.name!r} has no exact boundary of its own; use boundary='cm'")
         self.net, self.param, self.boundary, self.sigma_data = net, param, boundary, sigma_data
+        self.register_buffer("segments", torch.zeros((), dtype=torch.long))
 
     def c_skip(self, t: torch.Tensor) -> torch.Tensor:
         r_min = self.param.ratio(torch.full_like(t, self.param.t_min))
         r = self.param.ratio(t)
         return self.sigma_data**2 / ((r - r_min) ** 2 + self.sigma_data**2)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        x0, _ = self.param.to_x0_eps(x_t, self.param.predict(self.net, x_t, t, **cond), t)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, edge: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        x0, eps = self.param.to_x0_eps(x_t, self.param.predict(self.net, x_t, t, **cond), t)
+        if edge is not None:
+            return ddim_step(self.param, x0, eps, t, edge)
         if self.boundary == "param":
             return x0
         c = expand(self.c_skip(t), x_t)
@@ -112,3 +133,55 @@ def ict_discretisation_steps(step: int, total_steps: int, s0: int = 10, s1: int 
 
     k_prime = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
+
+
+def solver_step(net, param: Parameterisation, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                cond: dict[str, torch.Tensor], guidance: float = 1.0, eta: float = 0.0, substeps: int = 1,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """A teacher's solver step x_t -> x_s of consistency distillation: ``substeps`` DDIM steps of
+    ``net`` (CFG scale ``guidance``), evenly spaced in t. η = 0 follows the PF-ODE (LCM's skipping
+    step); η > 0 is the stochastic DDIM/SDE step with fresh noise at every sub-step (SCott).
+    x_t: [B, ...]; t, s: [B] float64 times with s ≤ t. Costs ``substeps`` NFE (2× with guidance)."""
+    # The end points are kept exact (not t + (s − t)·1) so one sub-step is CD's step bit for bit.
+    times = [t, *(t + (s - t) * (j / substeps) for j in range(1, substeps)), s]
+    x = x_t
+    for a, b in zip(times[:-1], times[1:]):
+        x_in, t_in = param.model_input(x, a.to(x.dtype))
+        pred = guided_prediction(net, x_in, t_in, cond, guidance)
+        x0, eps = param.to_x0_eps(x, pred.to(x.dtype), a.to(x.dtype))
+        x = ddim_step(param, x0, eps, a, b, eta=eta, generator=generator)
+    return x
+
+
+def segment_edges(param: Parameterisation, segments: int, device=None) -> torch.Tensor:
+    """The ``segments + 1`` segment edges, ascending from t_min to t_max: the consistency
+    discretisation with ``segments`` intervals. Every grid is a monotone map of a uniform ramp, so
+    when S divides N the edges are the points 0, N/S, 2N/S, ... of the N-interval grid."""
+    return discretisation(param, segments, device=device)
+
+
+@torch.no_grad()
+def segment_sample(model: nn.Module, param: Parameterisation, noise: torch.Tensor, steps: int, **cond) -> torch.Tensor:
+    """Deterministic segmented consistency sampling: start from pure noise at t_max and apply
+    x ← f(x, e_{j+1}; e_j) from edge to edge of ``steps`` segments (``steps`` NFE), returning the
+    state at t_min (x0 for fm/trigflow, α·x0 + σ·ε̂ with σ(t_min) ≪ 1 elsewhere, as in training).
+    With ``steps`` = the S the model was trained with, each step is exactly a trained map.
+    model: ``model(x, t, edge=e, **cond)`` (a ``ConsistencyModel``); noise: [B, ...] ~ N(0, I)."""
+    if steps < 1:
+        raise ValueError(f"segment_sample: steps must be >= 1, got {steps}")
+    edges = segment_edges(param, steps, device=noise.device).flip(0).to(noise.dtype)
+    b = noise.shape[0]
+    x = expand(param.alpha_sigma(edges[:1])[1].expand(b), noise) * noise
+    for t, e in zip(edges[:-1], edges[1:]):
+        x = model(x, t.expand(b), edge=e.expand(b), **cond)
+    return x
+
+
+def few_step_sample(model: nn.Module, param: Parameterisation, noise: torch.Tensor, steps: int,
+                    generator: torch.Generator | None = None, **cond) -> torch.Tensor:
+    """A consistency model's own few-step sampler: ``segment_sample`` for a model trained as
+    segmented (``model.segments`` > 0), else Algorithm 1 at ``default_times``. Domains call this
+    so that how a student samples travels with the student, not with the domain."""
+    if int(getattr(model, "segments", 0)) > 0:
+        return segment_sample(model, param, noise, steps, **cond)
+    return consistency_sample(model, param, noise, default_times(param, steps), generator=generator, **cond)

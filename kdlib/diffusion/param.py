@@ -10,6 +10,7 @@ and a network output ("prediction") that maps, given x_t and t, affinely to (x̂
 |------------|-------------------------------------|------------------|-------------------------------|
 | ``vp-eps`` | linear-β VP (DDPM in continuous t)  | [1e-3, 1]        | ε                             |
 | ``vp-v``   | same                                | [1e-3, 1]        | v = α·ε − σ·x0 (Salimans & Ho) |
+| ``ddpm-eps``, ``ddpm-v`` | discrete DDPM ᾱ_k, interpolated  | [0, 1], k = t·(T−1) | ε or v, as above        |
 | ``edm``    | α = 1, σ = t (Karras et al. 2022)   | [0.002, 80]      | F, x̂0 = c_skip·x + c_out·F     |
 | ``fm``     | α = 1 − t, σ = t (rectified flow)   | [0, 1]           | velocity u = ε − x0           |
 | ``trigflow`` | α = cos t, σ = σ_d·sin t (sCM)    | [0, π/2]         | F, σ_d·F = dx_t/dt            |
@@ -72,6 +73,10 @@ class Parameterisation:
         """What the network is fed for (x_t, t). Default: unchanged."""
         return x_t, t
 
+    def state_from_model_input(self, x_in: torch.Tensor, t_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of ``model_input``: (x_t, t) from what the network is fed."""
+        return x_in, t_in
+
     def predict(self, net, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The network's prediction at (x_t, t)."""
         x_in, t_in = self.model_input(x_t, t)
@@ -129,6 +134,113 @@ class VP(Parameterisation):
         return alpha * eps - sigma * x0
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def discrete_betas(schedule: str, beta_start: float, beta_end: float, steps: int) -> torch.Tensor:
+    """β_1..β_T [T] float32 of the named DDPM schedules: ``linear`` (Ho et al. 2020), ``scaled_linear``
+    (linear in √β, Rombach et al. 2022) and ``squaredcos_cap_v2`` (the cosine ᾱ of Nichol &
+    Dhariwal 2021, β capped at 0.999; β_start/β_end unused). Float32 on purpose: the diffusers
+    schedulers compute them so, and the noise levels must agree with theirs bit for bit."""
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, steps, dtype=torch.float32)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32) ** 2
+    if schedule == "squaredcos_cap_v2":
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+class DiscreteVP(VP):
+    """Variance preserving on a discrete schedule ᾱ_0..ᾱ_{T−1} (DDPM as trained, e.g. by diffusers'
+    DDPMScheduler): continuous t ∈ [0, 1] is the timestep k = t·(T−1) rescaled, and
+
+        log α(t)² = log ᾱ interpolated linearly in k,   σ = √(1 − α²),
+
+    so α, σ equal √ᾱ_k, √(1 − ᾱ_k) exactly at every integer timestep (where the network was
+    trained) and stay smooth and monotone in between (``time_from_ratio`` inverts it exactly).
+    ``prediction``: "eps" or "v" (v = α·ε − σ·x0, diffusers' ``v_prediction``). ``timesteps(n)``
+    are integer timesteps, the same as diffusers' LCMScheduler with ``original_inference_steps=T``.
+    The ε/v conversions are VP's.
+    """
+
+    t_min, t_max = 0.0, 1.0
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps", name: str | None = None):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"DiscreteVP: prediction must be 'eps' or 'v', got {prediction!r}")
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if len(ac) < 2 or not bool(((ac > 0) & (ac < 1)).all()) or not bool((ac[1:] < ac[:-1]).all()):
+            raise ValueError("DiscreteVP: alphas_cumprod must decrease strictly inside (0, 1) "
+                             "(zero-terminal-SNR schedules are not supported)")
+        self.prediction, self.num_steps = prediction, len(ac)
+        self.log_ac = torch.log(ac)  # [T], decreasing
+        self.name = name or f"ddpm-{prediction}"
+
+    @classmethod
+    def from_schedule(cls, prediction: str = "eps", schedule: str = "linear", beta_start: float = 1e-4,
+                      beta_end: float = 0.02, steps: int = 1000) -> DiscreteVP:
+        """A named beta schedule (defaults: DDPM's linear 1e-4..0.02 over 1000 steps, ``ddpm-<pred>``)."""
+        betas = discrete_betas(schedule, beta_start, beta_end, steps)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        default = (schedule, beta_start, beta_end, steps) == ("linear", 1e-4, 0.02, 1000)
+        name = f"ddpm-{prediction}" if default else f"ddpm-{prediction}:{schedule}:{beta_start!r}:{beta_end!r}:{steps}"
+        return cls(ac, prediction, name=name)
+
+    @classmethod
+    def from_name(cls, name: str) -> DiscreteVP:
+        """Parse ``ddpm-<eps|v>:<schedule>:<β_start>:<β_end>:<T>``."""
+        parts = name.split(":")
+        prediction = parts[0].removeprefix("ddpm-")
+        if len(parts) != 5 or prediction not in ("eps", "v"):
+            raise ValueError(f"bad discrete schedule {name!r}; expected ddpm-<eps|v>:<schedule>:<beta_start>:"
+                             f"<beta_end>:<T>, e.g. ddpm-eps:scaled_linear:0.00085:0.012:1000")
+        try:
+            beta_start, beta_end, steps = float(parts[2]), float(parts[3]), int(parts[4])
+        except ValueError:
+            raise ValueError(f"bad discrete schedule {name!r}: beta_start, beta_end must be numbers, "
+                             "T an integer") from None
+        return cls.from_schedule(prediction, parts[1], beta_start, beta_end, steps)
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The (continuous) diffusers timestep k = t·(T−1) [B], float64. Within 1e-3 of an integer
+        it is snapped to it: times arrive in float32, where t·(T−1) misses the integer by ~1e-4,
+        and the network must be queried exactly where it was trained. The snap keeps dk/dt = T−1
+        (its offset is detached), so ``alpha_sigma_dt`` stays right."""
+        k = t.to(torch.float64) * (self.num_steps - 1)
+        offset = torch.where((k - k.round()).abs() < 1e-3, k.round() - k, torch.zeros_like(k))
+        return k + offset.detach()
+
+    def alpha_sigma(self, t):
+        k = self.timestep(t)
+        log_ac = self.log_ac.to(k.device)
+        # Segment [i, i+1] holding k (the end segments extend linearly beyond [0, T−1]); the
+        # (1−f)·a + f·b form is exact at both knots.
+        i = k.detach().floor().clamp(0, self.num_steps - 2).long()
+        f = k - i
+        log_a2 = (1 - f) * log_ac[i] + f * log_ac[i + 1]
+        return torch.exp(0.5 * log_a2).to(t.dtype), torch.sqrt(-torch.expm1(log_a2)).to(t.dtype)
+
+    def time_from_ratio(self, r):
+        # α² = 1/(1 + r²): find log α² on the decreasing table, invert the linear piece.
+        target = -torch.log1p(r.to(torch.float64) ** 2)
+        neg = -self.log_ac.to(r.device)  # increasing
+        i = (torch.searchsorted(neg, -target) - 1).clamp(0, self.num_steps - 2)
+        f = (-target - neg[i]) / (neg[i + 1] - neg[i])
+        return ((i + f) / (self.num_steps - 1)).to(r.dtype)
+
+    def timesteps(self, steps, device=None):
+        """Integer timesteps k_i = (T−1) − ⌊i·T/steps⌋ for i < steps, then 0, as t = k/(T−1)."""
+        if not 1 <= steps <= self.num_steps:
+            raise ValueError(f"{self.name}: steps must be in [1, {self.num_steps}], got {steps}")
+        k = [(self.num_steps - 1) - (i * self.num_steps) // steps for i in range(steps)] + [0]
+        return torch.tensor(k, device=device, dtype=torch.float64) / (self.num_steps - 1)
+
+
 class EDM(Parameterisation):
     """Karras et al. 2022 ("Elucidating the Design Space ..."): x_t = x0 + σ·ε with t = σ, and the
     preconditioned network D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise) (Table 1). Sampling
@@ -153,6 +265,10 @@ class EDM(Parameterisation):
     def model_input(self, x_t, t):
         c_in = 1.0 / torch.sqrt(expand(t, x_t) ** 2 + self.sigma_data**2)
         return c_in * x_t, 0.25 * torch.log(t)
+
+    def state_from_model_input(self, x_in, t_in):
+        t = torch.exp(4 * t_in)
+        return x_in * torch.sqrt(expand(t, x_in) ** 2 + self.sigma_data**2), t
 
     def to_x0_eps(self, x_t, pred, t):
         c_skip, c_out = self._c(x_t, t)
@@ -222,6 +338,9 @@ class TrigFlow(Parameterisation):
     def model_input(self, x_t, t):
         return x_t / self.sigma_data, t
 
+    def state_from_model_input(self, x_in, t_in):
+        return x_in * self.sigma_data, t_in
+
     def to_x0_eps(self, x_t, pred, t):
         c, s, sd = torch.cos(expand(t, x_t)), torch.sin(expand(t, x_t)), self.sigma_data
         return c * x_t - s * sd * pred, (s * x_t + c * sd * pred) / sd
@@ -234,6 +353,8 @@ class TrigFlow(Parameterisation):
 PARAMETERISATIONS = {
     "vp-eps": lambda: VP("eps"),
     "vp-v": lambda: VP("v"),
+    "ddpm-eps": lambda: DiscreteVP.from_schedule("eps"),
+    "ddpm-v": lambda: DiscreteVP.from_schedule("v"),
     "edm": EDM,
     "fm": FlowMatching,
     "trigflow": TrigFlow,
@@ -241,7 +362,11 @@ PARAMETERISATIONS = {
 
 
 def get_parameterisation(name: str) -> Parameterisation:
-    """A parameterisation with default settings by name (``vp-eps``, ``vp-v``, ``edm``, ``fm``, ``trigflow``)."""
+    """A parameterisation with default settings by name (``vp-eps``, ``vp-v``, ``ddpm-eps``, ``ddpm-v``,
+    ``edm``, ``fm``, ``trigflow``), or a discrete schedule spelled out as
+    ``ddpm-<eps|v>:<linear|scaled_linear|squaredcos_cap_v2>:<β_start>:<β_end>:<T>``."""
+    if name.startswith("ddpm-") and ":" in name:
+        return DiscreteVP.from_name(name)
     if name not in PARAMETERISATIONS:
         raise ValueError(f"unknown parameterisation {name!r}; choose one of {', '.join(PARAMETERISATIONS)}")
     return PARAMETERISATIONS[name]()

@@ -29,7 +29,7 @@ from kdlib.diffusion.consistency import (
     noise_ratio,
 )
 from kdlib.diffusion.param import get_parameterisation
-from kdlib.methods.consistency_distillation import DISTANCES, consistency_distance
+from kdlib.methods.consistency_family import DISTANCES, consistency_distance
 from kdlib.methods.flow_matching import split_batch
 
 

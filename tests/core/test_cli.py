@@ -70,3 +70,14 @@ def test_distill_then_eval_end_to_end(tmp_path):
     for method, stats in stored["summary"].items():
         for key, s in stats.items():
             assert again["summary"][method][key]["mean"] == pytest.approx(s["mean"], abs=1e-6), key
+
+
+def test_overrides_may_follow_the_recipe_option(tmp_path, capsys, monkeypatch):
+    """``kdlib distill <domain> --recipe NAME key=value`` (the documented order) reaches the config
+    check: a misspelt key after --recipe is reported as a config error, not an argparse error."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", "image", "--recipe", "classifier-kd", "train.setps=3"]) == 2
+    assert "unknown config key 'train.setps'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distill", "image", "--recipe", "classifier-kd", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
