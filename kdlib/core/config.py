@@ -36,7 +36,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    return deep_merge(load_yaml(path.parent / parent), data)
+    return merge_recipe(load_yaml(path.parent / parent), data)
+
+
+# A recipe (or override) that switches to another method starts that method's options afresh:
+# the parent's were typed for the old method and would be unknown keys of the new one.
+OPTIONS_OF = {"method": "method_args", "baseline_method": "baseline_args"}
+
+
+def merge_recipe(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``deep_merge`` for recipes: where ``override`` names a different method (or baseline
+    method), ``base``'s options for the old one are dropped first."""
+    base = dict(base)
+    for selector, options in OPTIONS_OF.items():
+        if selector in override and override[selector] != base.get(selector):
+            base.pop(options, None)
+    return deep_merge(base, override)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kdlib.core.config import ConfigError, build, deep_merge, load_yaml, parse_overrides
+from kdlib.core.config import ConfigError, build, load_yaml, merge_recipe, parse_overrides
 
 
 @dataclass
@@ -120,7 +120,7 @@ def load_run_config(recipe: str | Path, overrides: list[str] | None = None, *, d
         raw.setdefault("domain", domain)
         if raw["domain"] != domain and not _same_recipe_family(raw["domain"], domain):
             raise ConfigError(f"recipe {recipe} is for domain {raw['domain']!r}, not {domain!r}")
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = merge_recipe(raw, parse_overrides(overrides or []))
     source = f"recipe {recipe}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     return resolve_config(raw, source=source)
 

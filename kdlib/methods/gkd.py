@@ -45,8 +45,7 @@ import torch
 
 from kdlib.core.generation import continuation_targets, continue_prompts, split_prompt, step_generator
 from kdlib.core.method import Method, register_method
-from kdlib.kernels import fused_linear_divergence
-from kdlib.methods.fused_logit_kd import lm_head
+from kdlib.methods.fused_logit_kd import fused_head_divergence
 from kdlib.objectives import divergence
 
 
@@ -99,19 +98,10 @@ class GKD(Method):
             # Head rows past the real vocabulary (padding) are not tokens: keep them out of both sides.
             pad = vocab if vocab is not None and vocab < max(logits.shape[-1], t_logits.shape[-1]) else None
             return divergence(logits, t_logits.to(logits.dtype), mask=keep, vocab_size=pad, **opts)
-        w, b, vocab = lm_head(self.student.model)
-        tw, tb, t_vocab = lm_head(self.teacher.model)
-        if vocab != t_vocab:
-            raise ValueError(f"gkd: student has {vocab} real tokens, teacher {t_vocab}")
-        hidden = self.student(x, output="hidden")
-        t_hidden = self.teacher(x, output="hidden").to(hidden.dtype)
         # The kernel drops rows whose label is ignore_index; with hard_weight 0 labels only mask.
         labels = torch.where(keep, 0, -100).flatten()
-        pad = vocab if vocab < max(w.shape[0], tw.shape[0]) else None
-        return fused_linear_divergence(
-            hidden.flatten(0, -2), w, t_hidden.flatten(0, -2), tw.to(hidden.dtype), labels=labels,
-            student_bias=b, teacher_bias=None if tb is None else tb.to(hidden.dtype), vocab_size=pad,
-            chunk_size=cfg.chunk_size, backend=cfg.backend, **opts)
+        return fused_head_divergence(self.student, self.teacher, x, labels, "gkd", chunk_size=cfg.chunk_size,
+                                     backend=cfg.backend, **opts)
 
     def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
         generator = step_generator()

@@ -59,3 +59,20 @@ def test_bad_values_and_unknown_method_stop_before_work():
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["train.steps"])
+
+
+def test_a_recipe_that_switches_method_starts_its_options_afresh(tmp_path):
+    """``extends`` and overrides merge deeply, except that naming another method drops the parent's
+    options for the old one (they would be unknown keys of the new method); the same method keeps
+    inheriting them."""
+    from kdlib.core.config import load_yaml, merge_recipe
+
+    (tmp_path / "base.yaml").write_text("method: a\nmethod_args: {x: 1, y: 2}\nbaseline_method: b\n"
+                                        "baseline_args: {z: 3}\ntrain: {steps: 5}\n")
+    (tmp_path / "same.yaml").write_text("extends: base.yaml\nmethod: a\nmethod_args: {y: 9}\n")
+    (tmp_path / "other.yaml").write_text("extends: base.yaml\nmethod: c\nmethod_args: {w: 4}\n")
+    assert load_yaml(tmp_path / "same.yaml")["method_args"] == {"x": 1, "y": 9}
+    other = load_yaml(tmp_path / "other.yaml")
+    assert other["method_args"] == {"w": 4} and other["baseline_args"] == {"z": 3} and other["train"] == {"steps": 5}
+    switched = merge_recipe(other, {"baseline_method": "d"})
+    assert "baseline_args" not in switched and switched["method_args"] == {"w": 4}
