@@ -78,7 +78,7 @@ class ImageGenDomain(Domain):
     DataConfig = ImageGenDataConfig
     ModelConfig = ImageGenModelConfig
     recipes_dir = Path(__file__).parent / "recipes"
-    default_recipe = "mnist-cd"
+    default_recipe = "default"
     primary_metric = ("fd_digits_1step", False)
 
     def __init__(self, data_config, model_config):

@@ -33,7 +33,7 @@ def test_unknown_domain_and_recipe(capsys):
     assert main(["distill", "imag"]) == 2
     assert "did you mean 'image'" in capsys.readouterr().err
     assert main(["distill", "image", "--recipe", "nope"]) == 2
-    assert "available: classifier-kd, default" in capsys.readouterr().err
+    assert "available: classifier-kd, default, mnist-cd" in capsys.readouterr().err
 
 
 def test_bench_lists_available_benchmarks(capsys):
@@ -52,8 +52,9 @@ def test_distill_then_eval_end_to_end(tmp_path):
     and ``kdlib eval`` reproduces the stored results from the run directory alone."""
     args = ["seeds=[0,1]", "teacher.train.steps=60", "train.steps=40", "train.eval_every=20",
             "train.progress=false", "teacher.train.progress=false", "name=e2e"]
-    run = subprocess.run([sys.executable, "-m", "kdlib.cli", "distill", "image", *args], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    command = [sys.executable, "-m", "kdlib.cli", "distill", "image", "--recipe", "classifier-kd", *args]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "teacher" in run.stdout and "logit_kd" in run.stdout and "supervised" in run.stdout
     run_dir = tmp_path / "runs/e2e"

@@ -15,8 +15,17 @@ def test_recipe_resolves_with_typed_sections():
     assert cfg.model.student_hidden == [128]
 
 
-def test_default_recipe_extends_classifier_kd():
-    assert to_dict(load_run_config(ImageDomain.recipe_path("default"))) == to_dict(load_run_config(RECIPE))
+def test_default_recipe_is_the_generative_one_for_both_image_domains():
+    """``kdlib distill image`` runs the image-gen default (domains sharing a recipes folder run each
+    other's recipes); ``kdlib distill image-gen`` runs the same one."""
+    from domains.image.gen import ImageGenDomain
+
+    cfg = load_run_config(ImageDomain.recipe_path(None), domain="image")
+    assert cfg.domain == "image-gen" and cfg.method == "multistep_cd"
+    same = load_run_config(ImageGenDomain.recipe_path(None), domain="image-gen")
+    assert to_dict(cfg) == to_dict(same)
+    with pytest.raises(ConfigError, match="is for domain 'image-gen', not 'llm'"):
+        load_run_config(ImageDomain.recipe_path(None), domain="llm")
 
 
 def test_overrides_are_typed_and_nested():

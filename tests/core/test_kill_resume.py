@@ -34,9 +34,9 @@ def _finish(p: subprocess.Popen) -> str:
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    _finish(_kdlib("distill", "image", "name=full", *ARGS, runs=tmp_path))
+    _finish(_kdlib("distill", "image", "--recipe", "classifier-kd", "name=full", *ARGS, runs=tmp_path))
 
-    victim = _kdlib("distill", "image", "name=killed", *ARGS, runs=tmp_path)
+    victim = _kdlib("distill", "image", "--recipe", "classifier-kd", "name=killed", *ARGS, runs=tmp_path)
     checkpoints = tmp_path / "runs/killed" / STAGE / "checkpoints"
     deadline = time.time() + 240
     while not (checkpoints / "step-00000030").exists():
