@@ -210,16 +210,15 @@ class ImageGenDomain(Domain):
         # The paired digit table and grids are written for digits; other data gets the core report.
         return report_section(self, run_dir, teacher, students) if self.digits else []
 
-    def results_table(self, results: dict) -> str | None:
-        """The paired teacher/student table of report.md, as plain text (digits only: its columns
-        are the digit metrics; other data gets the core table)."""
+    def results_table(self, results: dict, markdown: bool = False) -> str | None:
+        """The paired table: teacher at each step count, then each student at each step count
+        (digits only: its columns are the digit metrics; other data gets the core table)."""
         from kdlib.core.report import format_table
 
         if not self.digits:
-            return super().results_table(results)
-
+            return super().results_table(results, markdown)
         cfg = self.model_config
-        return format_table(PAIRED_HEADER, paired_rows(results, cfg.teacher_steps, cfg.student_steps))
+        return format_table(PAIRED_HEADER, paired_rows(results, cfg.teacher_steps, cfg.student_steps), markdown)
 
     def write_samples(self, model: torch.nn.Module, out_dir: Path, count: int, steps: int) -> list[Path]:
         """A PNG grid of ``count`` samples (labels 0–9 cycling, one row per 10) and the samples as

@@ -70,9 +70,10 @@ class Domain:
 
         return load_weights(model, path)
 
-    def results_table(self, results: dict) -> str | None:
-        """The table ``kdlib distill``/``eval`` print for ``results`` (results.json's content);
-        None: the generic one row per model, one column per metric."""
+    def results_table(self, results: dict, markdown: bool = False) -> str | None:
+        """The results table ``kdlib distill``/``eval`` print (plain) and report.md opens with
+        (markdown), for ``results`` (results.json's content); None: the generic one row per model,
+        one column per metric."""
         return None
 
     def write_samples(self, model: nn.Module, out_dir: Path, count: int, steps: int) -> list[Path]:

@@ -175,7 +175,8 @@ class Experiment:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
             students = {m: self.load_student(f"seed{cfg.seeds[0]}-{m}") for m, _, _ in variants}
             extra = self.domain.report_sections(self.run_dir, teacher, {k: v for k, v in students.items() if v})
-            write_report(self.run_dir, cfg, results, self.domain.primary_metric, extra_sections=extra)
+            write_report(self.run_dir, cfg, results, self.domain.primary_metric, extra_sections=extra,
+                         table=self.domain.results_table(results, markdown=True))
         return results
 
     def load_student(self, stage: str) -> Student | None:

@@ -116,10 +116,14 @@ def _plot(run_dir: Path, records_by_stage: dict[str, list[dict[str, Any]]], metr
 
 def write_report(
     run_dir: str | Path, cfg: Any, results: dict[str, Any], primary: tuple[str, bool],
-    extra_sections: list[str] | None = None,
+    extra_sections: list[str] | None = None, table: str | None = None,
 ) -> Path:
+    """report.md: ``table`` (the domain's own results table, markdown) or the generic one row per
+    model, the paired seed comparison, plots, then the domain's ``extra_sections``."""
     run_dir = Path(run_dir)
-    header, rows = results_rows(results)
+    if table is None:
+        header, rows = results_rows(results)
+        table = format_table(header, rows, markdown=True)
     stages_dir = run_dir / "stages"
     stages = sorted(p.name for p in stages_dir.iterdir() if p.is_dir()) if stages_dir.exists() else []
     records = {s: read_metrics(run_dir / "stages" / s / "metrics.jsonl") for s in stages}
@@ -132,7 +136,7 @@ def write_report(
         f"(no teacher), same data, {cfg.train.steps} steps, seeds {cfg.seeds}: mean ± sample std over {n} "
         f"seed{'s' if n > 1 else ''}.",
         "",
-        format_table(header, rows, markdown=True),
+        table,
         "",
         paired_comparison(results, cfg.method, cfg.baseline_method, primary) or "",
         "",

@@ -35,6 +35,10 @@ from kdlib.methods.flow_matching import split_batch
 class ConsistencyDistillation(ConsistencyFamily):
     Config = ConsistencyDistillationConfig
 
+    def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: dict) -> torch.Tensor:
+        """x̂_s from x_t [B, ...] (t, s: [B]): LCM's skipping step, one guided DDIM step."""
+        return solver_step(self.teacher, self.param, x_t, t, s, cond, self.config.guidance)
+
     def loss(self, batch, group):
         cfg = self.config
         x0, cond = split_batch(batch)
@@ -44,7 +48,7 @@ class ConsistencyDistillation(ConsistencyFamily):
         t, s = grid[n + cfg.skip], grid[n]
         x_t = self.param.add_noise(x0, torch.randn_like(x0), t.to(dtype))
         with torch.no_grad():
-            x_s = solver_step(self.teacher, self.param, x_t, t, s, cond, cfg.guidance)
+            x_s = self.teacher_step(x_t, t, s, cond)
             target = self.target_model()(x_s, s.to(dtype), **cond)
         online = self.student(x_t, t.to(dtype), **cond)
         return consistency_distance(online, target, cfg.distance, cfg.c), {}

@@ -25,17 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from kdlib.core.method import register_method
-from kdlib.diffusion.consistency import discretisation, solver_step
-from kdlib.methods.consistency_family import (
-    ConsistencyDistillationConfig,
-    ConsistencyFamily,
-    check_range,
-    consistency_distance,
-)
-from kdlib.methods.flow_matching import split_batch
+from kdlib.diffusion.consistency import solver_step
+from kdlib.methods.consistency_distillation import ConsistencyDistillation
+from kdlib.methods.consistency_family import ConsistencyDistillationConfig, check_range
 
 
 @dataclass
@@ -45,7 +38,9 @@ class SCottConfig(ConsistencyDistillationConfig):
 
 
 @register_method("scott")
-class SCott(ConsistencyFamily):
+class SCott(ConsistencyDistillation):
+    """consistency_distillation with the stochastic teacher step: only ``teacher_step`` differs."""
+
     Config = SCottConfig
 
     def __init__(self, config, student, teacher):
@@ -53,17 +48,7 @@ class SCott(ConsistencyFamily):
         check_range(self.name, "eta", config.eta, 0.0, 1.0)
         check_range(self.name, "substeps", config.substeps, 1)
 
-    def loss(self, batch, group):
+    def teacher_step(self, x_t, t, s, cond):
         cfg = self.config
-        x0, cond = split_batch(batch)
-        b, dtype = x0.shape[0], x0.dtype
-        grid = discretisation(self.param, cfg.num_intervals, device=x0.device)
-        n = torch.randint(0, cfg.num_intervals - cfg.skip + 1, (b,), device=x0.device)
-        t, s = grid[n + cfg.skip], grid[n]
-        x_t = self.param.add_noise(x0, torch.randn_like(x0), t.to(dtype))
-        with torch.no_grad():
-            x_s = solver_step(self.teacher, self.param, x_t, t, s, cond, cfg.guidance, eta=cfg.eta,
-                              substeps=cfg.substeps)
-            target = self.target_model()(x_s, s.to(dtype), **cond)
-        online = self.student(x_t, t.to(dtype), **cond)
-        return consistency_distance(online, target, cfg.distance, cfg.c), {}
+        return solver_step(self.teacher, self.param, x_t, t, s, cond, cfg.guidance, eta=cfg.eta,
+                           substeps=cfg.substeps)
