@@ -179,7 +179,11 @@ class LLMDomain(Domain):
     def evaluate(self, model: torch.nn.Module, split: TensorDataset) -> dict[str, float]:
         metrics = lm_metrics(model, split)
         if "domain" in split.tensors:
-            self._observe(model, int(split.tensors["domain"][0]), metrics["nll"])
+            domain = int(split.tensors["domain"][0])
+            self._observe(model, domain, metrics["nll"])
+            if self._order is not None and model is not self._teacher:
+                # the mixture weight this domain's training batches are drawn with from now on
+                metrics["mixture_weight"] = float(self._order.weights[domain])
         return metrics
 
     def _observe(self, model: torch.nn.Module, domain: int, nll: float) -> None:
