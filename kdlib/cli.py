@@ -4,6 +4,7 @@
     kdlib distill <domain> [--recipe NAME|PATH] [key=value ...]
     kdlib resume <run_dir>                       continue a stopped run exactly where it was
     kdlib eval <run_dir>                         re-evaluate a run's teacher and students
+    kdlib train-teacher <domain> [args ...]      reproduce a domain's shipped teacher
     kdlib export <run_dir> --format diffusers --out DIR   a trained student as a diffusers folder
     kdlib bench <name> [args ...]                run benchmarks/<name>.py (source checkout)
 
@@ -153,6 +154,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from kdlib.core.domain import DOMAINS
+
+    module_name = DOMAINS.get(args.domain).teacher_trainer
+    if module_name is None:
+        raise FileNotFoundError(f"domain {args.domain!r} ships no teacher to reproduce; its recipes train "
+                                "or load their teacher inside the run")
+    importlib.import_module(module_name).main(args.args)
+    return 0
+
+
 def benchmarks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -202,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stage", default=None, help="stage to export (default: the first seed's distilled student)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("train-teacher", help="reproduce a domain's shipped teacher with its own recipe")
+    p.add_argument("domain")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the domain's trainer, e.g. --steps 8000 --out F")
+    p.set_defaults(func=cmd_train_teacher)
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)

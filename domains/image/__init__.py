@@ -39,6 +39,10 @@ class ImageDomain(Domain):
     ModelConfig = ImageModelConfig
     recipes_dir = Path(__file__).parent / "recipes"
     default_recipe = "default"
+    # ``kdlib distill image`` runs the generative default (recipes/default.yaml), so
+    # ``kdlib train-teacher image`` reproduces its shipped teacher too; the classifier recipe
+    # trains its own teacher inside the run.
+    teacher_trainer = "domains.image.train_teacher"
     primary_metric = ("accuracy", True)
 
     def datasets(self) -> dict[str, TensorDataset]:

@@ -79,6 +79,7 @@ class ImageGenDomain(Domain):
     ModelConfig = ImageGenModelConfig
     recipes_dir = Path(__file__).parent / "recipes"
     default_recipe = "default"
+    teacher_trainer = "domains.image.train_teacher"
     primary_metric = ("fd_digits_1step", False)
 
     def __init__(self, data_config, model_config):

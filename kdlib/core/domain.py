@@ -46,6 +46,9 @@ class Domain:
     # True when build_teacher() returns a trained model (e.g. loaded from a local transformers
     # folder): the run then has no teacher-training stage.
     teacher_is_pretrained: bool = False
+    # ``kdlib train-teacher <domain> [args]`` runs ``main(args)`` of this module: the recipe that
+    # reproduces a teacher the domain ships (None: the domain ships none).
+    teacher_trainer: str | None = None
     # The metric that decides "better" in reports, and whether larger is better.
     primary_metric: tuple[str, bool] = ("loss", False)
 

@@ -71,3 +71,19 @@ def test_wrong_parameterisation_stops_before_training(tmp_path):
     with pytest.raises(ValueError, match="param"):
         main(["distill", "image-gen", f"runs_dir={tmp_path}", "method_args.param=edm", "train.steps=1",
               "model.eval_samples=20", "--recipe", "mnist-cd"])
+
+
+def test_train_teacher_reproduces_a_loadable_teacher(tmp_path, domain):
+    """``kdlib train-teacher image`` runs the shipped teacher's recipe (a few steps here): the file
+    it writes records its parameterisation and loads, tensor for tensor, into the domain's teacher."""
+    from safetensors import safe_open
+
+    out = tmp_path / "teacher.safetensors"
+    assert main(["train-teacher", "image", "--steps", "3", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["param"] == "fm"
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    loaded = domain.load_teacher_weights(domain.build_teacher(), str(out)).state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k].float(), loaded[k].float()) for k in saved)
+    assert main(["train-teacher", "llm"]) == 2
