@@ -23,17 +23,13 @@ import torch
 
 from kdlib.core.method import Method, register_method
 from kdlib.kernels import fused_linear_divergence
+from kdlib.methods.logit_kd import LogitKDConfig
 
 
 @dataclass
-class FusedLogitKDConfig:
-    temperature: float = 4.0
-    soft_weight: float = 0.9
-    hard_weight: float = 0.1
-    kind: str = "fkl"
-    beta: float = 0.5  # jsd only
-    alpha: float = 0.1  # skew_fkl / skew_rkl only
-    generator: str | None = None  # kind="f" only
+class FusedLogitKDConfig(LogitKDConfig):
+    """``logit_kd``'s options (same loss), plus how the kernel runs."""
+
     chunk_size: int | None = None  # tokens per chunk; None: the kernel's memory-budget default
     backend: str | None = None  # None: the kernel's dispatch (triton on CUDA, chunked torch on CPU)
 
