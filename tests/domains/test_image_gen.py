@@ -54,7 +54,7 @@ def test_shipped_teacher_generates_digits(domain, splits):
 
 
 def test_tiny_distillation_run_report_and_sample(tmp_path):
-    rc = main(["distill", "image-gen", f"runs_dir={tmp_path}", "name=tiny",
+    rc = main(["distill", "image-gen", f"runs_dir={tmp_path}", "name=tiny", "seeds=[0]",
                "train.steps=3", "train.batch_size=16", "train.progress=false", "model.eval_samples=40",
                "model.teacher_steps=[2,1]", "model.student_steps=[1,2]", "--recipe", "mnist-cd"])
     assert rc == 0

@@ -18,9 +18,9 @@ from kdlib.cli import main  # noqa: E402
                                            ("mnist-tbcm", "tbcm")])
 def test_recipe_smoke_run(tmp_path, recipe, method):
     # baseline=false: the iCT baseline is mnist-cd's and is covered by tests/domains/test_image_gen.py
-    rc = main(["distill", "image-gen", "--recipe", recipe, f"runs_dir={tmp_path}", "name=tiny", "baseline=false",
-               "train.steps=3", "train.batch_size=16", "train.progress=false", "model.eval_samples=40",
-               "model.teacher_steps=[2,1]", "model.student_steps=[1,2]"])
+    rc = main(["distill", "image-gen", "--recipe", recipe, f"runs_dir={tmp_path}", "name=tiny", "seeds=[0]",
+               "baseline=false", "train.steps=3", "train.batch_size=16", "train.progress=false",
+               "model.eval_samples=40", "model.teacher_steps=[2,1]", "model.student_steps=[1,2]"])
     assert rc == 0
     run = tmp_path / "tiny"
     final = json.loads((run / "results.json").read_text())["seeds"][method]["0"]
