@@ -51,9 +51,9 @@ class CachedKD(Method):
         soft = cached_divergence(logits, signal, cfg.kind, temperature=cfg.temperature, mask=mask,
                                  t2_scaling=True, beta=cfg.beta, alpha=cfg.alpha)
         loss = cfg.soft_weight * soft
-        values = {"kd/soft": float(soft.detach())}
+        values = {"kd/soft": soft.detach()}
         if cfg.hard_weight and y is not None:
             hard = cross_entropy(logits, y)
             loss = loss + cfg.hard_weight * hard
-            values["kd/hard"] = float(hard.detach())
+            values["kd/hard"] = hard.detach()
         return loss, values

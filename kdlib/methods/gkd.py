@@ -115,5 +115,5 @@ class GKD(Method):
         loss = self.divergence_loss(x, keep)
         values = {"gkd/on_policy": float(on_policy), "gkd/divergence": loss.detach()}
         if on_policy:
-            values["gkd/generated_tokens"] = float(keep.sum(1).float().mean())
+            values["gkd/generated_tokens"] = keep.sum(1).float().mean()
         return loss, values

@@ -104,7 +104,7 @@ def scm_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The sCM loss for one batch. x0, z, dxt_dt: [B, ...] (z ~ N(0, σ_d²)); t: [B].
 
-    Returns the scalar loss (mean over the batch) and float statistics for logging.
+    Returns the scalar loss (mean over the batch) and detached scalar statistics for logging.
     """
     x_t = trigflow.add_noise(x0, z, t)
     f_theta, cs_df_dt = f_and_time_derivative(net, x_t, t, dxt_dt, sigma_d, **cond)
@@ -120,7 +120,8 @@ def scm_loss(
         loss = (torch.exp(w) * per_sample - w).mean()
     else:
         loss = per_sample.mean()
-    stats = {"loss": loss.item(), "mse": per_sample.mean().item(), "tangent_norm": g_norm.mean().item()}
+    # Detached tensors, not floats: a host sync per statistic would stall a GPU step.
+    stats = {"loss": loss.detach(), "mse": per_sample.mean().detach(), "tangent_norm": g_norm.mean().detach()}
     return loss, stats
 
 
@@ -155,7 +156,7 @@ class SCM:
                         norm_c=cfg.tangent_norm_c, weight=self.weight, **cond)
 
     def train_step(self, optimizer: torch.optim.Optimizer, x0: torch.Tensor, step: int,
-                   generator: torch.Generator | None = None, **cond) -> dict[str, float]:
+                   generator: torch.Generator | None = None, **cond) -> dict[str, torch.Tensor]:
         """One optimiser update; ``optimizer`` holds the student's (and the weight's) parameters."""
         optimizer.zero_grad(set_to_none=True)
         loss, stats = self.loss(x0, step, generator, **cond)

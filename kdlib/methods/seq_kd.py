@@ -59,5 +59,5 @@ class SeqKD(Method):
         generator = step_generator() if self.config.temperature > 0 else None
         targets = self.teacher_targets(batch, generator)
         loss = cross_entropy(self.student(targets["x"]), targets["y"])
-        generated = float(targets["keep"].sum(1).float().mean())
+        generated = targets["keep"].sum(1).float().mean()
         return loss, {"seq_kd/ce": loss.detach(), "seq_kd/generated_tokens": generated}

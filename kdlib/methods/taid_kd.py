@@ -52,7 +52,8 @@ class TAIDKD(Method):
         # The Trainer asks once per optimizer step: the moment to advance λ by the last step's loss.
         if self._last_step is not None and step > self._last_step and self._step_losses:
             self.taid.steps.fill_(self._last_step)
-            self.taid.step(sum(self._step_losses) / len(self._step_losses))
+            # one host transfer per step for the adaptive schedule, not one per micro-batch
+            self.taid.step(float(torch.stack(self._step_losses).mean()))
         elif self._last_step is None and step > 0:
             # Resumed: rejoin the linear floor at this step (see the module docstring).
             self.taid.steps.fill_(step - 1)
@@ -66,9 +67,9 @@ class TAIDKD(Method):
         y = batch.get("y")
         mask = None if y is None else y != -100
         soft = self.taid(logits, teacher_logits, mask=mask)
-        self._step_losses.append(float(soft.detach()))
+        self._step_losses.append(soft.detach())
         loss = soft
-        values = {"taid/loss": float(soft.detach()), "taid/lambda": self.taid.current_lambda}
+        values = {"taid/loss": soft.detach(), "taid/lambda": self.taid.current_lambda}
         if self.config.hard_weight and y is not None:
             loss = loss + self.config.hard_weight * cross_entropy(logits, y)
         return loss, values

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from kdlib.diffusion.consistency import ConsistencyModel, consistency_sample, default_times
 from kdlib.diffusion.param import PARAMETERISATIONS, get_parameterisation
-
-
-class RandomNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(6, 6, dtype=torch.float64))
-
-    def forward(self, x, t):
-        return torch.tanh(x @ self.w) + 3 * t.reshape(-1, 1).cos()
+from tests.diffusion.nets import RandomNet
 
 
 @pytest.mark.parametrize("name", list(PARAMETERISATIONS))

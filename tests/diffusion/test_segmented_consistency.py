@@ -21,6 +21,7 @@ from kdlib.diffusion.consistency import (
     solver_step,
 )
 from kdlib.diffusion.param import PARAMETERISATIONS, get_parameterisation
+from tests.diffusion.nets import RandomNet
 
 MU, S = 0.7, 0.5
 
@@ -78,15 +79,6 @@ class GaussianDenoiser(nn.Module):
         var = alpha**2 * S**2 + sigma**2
         x0 = MU + alpha * S**2 / var * (x - alpha * MU)
         return self.param.from_x0_eps(x, x0, sigma / var * (x - alpha * MU), t)
-
-
-class RandomNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(6, 6, dtype=torch.float64))
-
-    def forward(self, x, t):
-        return torch.tanh(x @ self.w) + 3 * t.reshape(-1, 1).cos()
 
 
 @pytest.mark.parametrize("name", list(PARAMETERISATIONS))

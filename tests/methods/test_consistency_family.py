@@ -12,8 +12,8 @@ from kdlib.core.method import METHODS
 from kdlib.core.models import Student, Teacher
 from kdlib.diffusion.consistency import ConsistencyModel
 from kdlib.diffusion.param import expand, get_parameterisation
+from tests.methods.nets import C, TinyNet
 
-C = 0.3  # point-mass data
 FAMILY = ["multistep_cd", "scott", "tbcm"]
 
 
@@ -50,18 +50,6 @@ def _exact_student(param, offset=0.0):
     model = ConsistencyModel(nn.Identity(), param)
     model.net = PointMass(param, of=model, offset=offset)
     return model
-
-
-class TinyNet(nn.Module):
-    parameterisation = "fm"
-
-    def __init__(self, dim: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 2, 64), nn.SiLU(), nn.Linear(64, dim))
-
-    def forward(self, x, t, y=None):
-        y = torch.zeros_like(t) if y is None else y.to(t.dtype)
-        return self.net(torch.cat([x, t[:, None], y[:, None]], dim=1))
 
 
 def _batch(n=64, shape=(4,), point_mass=False, seed=0):

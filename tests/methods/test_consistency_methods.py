@@ -5,39 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from kdlib.core.method import METHODS
 from kdlib.core.models import Student, Teacher
 from kdlib.diffusion.consistency import ConsistencyModel, ict_discretisation_steps
 from kdlib.diffusion.param import get_parameterisation
-
-C = 0.3  # point-mass data
-
-
-class PointMassVelocity(nn.Module):
-    """The exact flow-matching velocity for data x0 = C: u = (x_t − C)/t."""
-
-    parameterisation = "fm"
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t, y=None):
-        return (x - C) / t.clamp(min=1e-6).reshape(-1, 1) + 0 * self.dummy
-
-
-class TinyNet(nn.Module):
-    parameterisation = "fm"
-
-    def __init__(self, dim: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 2, 64), nn.SiLU(), nn.Linear(64, dim))
-
-    def forward(self, x, t, y=None):
-        y = torch.zeros_like(t) if y is None else y.to(t.dtype)
-        return self.net(torch.cat([x, t[:, None], y[:, None]], dim=1))
+from tests.methods.nets import C, PointMassVelocity, TinyNet
 
 
 def _batch(n=64, dim=4, point_mass=False, seed=0):

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from kdlib.core.data import TensorDataset
 from kdlib.core.method import METHODS
@@ -19,33 +18,9 @@ from kdlib.core.trainer import Trainer
 from kdlib.diffusion.consistency import ConsistencyModel
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.diffusion.reparam import ReparameterisedNet
+from tests.methods.nets import C, PointMassVelocity, TinyNet
 
-C = 0.3  # point-mass data
 FM, TRIG = get_parameterisation("fm"), get_parameterisation("trigflow")
-
-
-class PointMassVelocity(nn.Module):
-    """The exact flow-matching velocity for data x0 = C: u = (x_t − C)/t (its x̂0 is C everywhere)."""
-
-    parameterisation = "fm"
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, x, t, y=None):
-        return self.scale * (x - C) / t.clamp(min=1e-6).reshape(-1, *([1] * (x.dim() - 1)))
-
-
-class TinyVelocity(nn.Module):
-    parameterisation = "fm"
-
-    def __init__(self, dim: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, 64), nn.SiLU(), nn.Linear(64, dim))
-
-    def forward(self, x, t, y=None):
-        return self.net(torch.cat([x, t[:, None]], dim=1))
 
 
 def _scm(teacher_net, student_net, **args):
@@ -62,17 +37,15 @@ def test_exact_consistency_function_has_zero_loss():
     loss, logged = method.loss({"x": torch.full((64, 4), C)}, "student")
     assert loss.item() < 1e-8 and logged["scm/tangent_norm"] < 1e-4
     # a wrong student (velocity scaled by 2) is not consistent: clearly non-zero
-    wrong = _scm(PointMassVelocity(), PointMassVelocity(), tangent_warmup=0, adaptive_weight=False,
+    wrong = _scm(PointMassVelocity(), PointMassVelocity(scale=2.0), tangent_warmup=0, adaptive_weight=False,
                  init_from_teacher=False)
-    with torch.no_grad():
-        wrong.student.model.net.net.scale.fill_(2.0)
     assert wrong.loss({"x": torch.full((64, 4), C)}, "student")[0].item() > 1e-2
 
 
 def test_student_starts_as_the_teacher_and_trains_with_its_adaptive_weight(tmp_path):
     torch.manual_seed(0)
-    teacher = TinyVelocity()
-    method = _scm(teacher, TinyVelocity(), tangent_warmup=5)
+    teacher = TinyNet()
+    method = _scm(teacher, TinyNet(), tangent_warmup=5)
     # init_from_teacher: the student's network is the teacher's, seen in TrigFlow
     x = torch.randn(8, 4)
     t = torch.full((8,), 0.6)
@@ -98,7 +71,7 @@ def test_student_starts_as_the_teacher_and_trains_with_its_adaptive_weight(tmp_p
 
 def test_loss_goes_down_on_a_tiny_model():
     torch.manual_seed(0)
-    method = _scm(TinyVelocity(), TinyVelocity(), tangent_warmup=0, adaptive_weight=False, init_from_teacher=False)
+    method = _scm(TinyNet(), TinyNet(), tangent_warmup=0, adaptive_weight=False, init_from_teacher=False)
     opt = torch.optim.Adam(method.student.model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(2)
     batch = {"x": 0.5 * torch.randn(256, 4, generator=g) + 0.2}
@@ -117,6 +90,6 @@ def test_loss_goes_down_on_a_tiny_model():
 def test_student_in_the_wrong_parameterisation_is_refused():
     cls = METHODS.get("scm")
     with pytest.raises(ValueError, match="student_param=trigflow"):
-        cls(cls.Config(), Student(ConsistencyModel(TinyVelocity(), FM)), Teacher(TinyVelocity()))
+        cls(cls.Config(), Student(ConsistencyModel(TinyNet(), FM)), Teacher(TinyNet()))
     with pytest.raises(ValueError, match="param"):
-        _scm(TinyVelocity(), TinyVelocity(), teacher_param="edm")
+        _scm(TinyNet(), TinyNet(), teacher_param="edm")
