@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdlib.kernels.block_layout import BlockLayout, block_layout
 from kdlib.nn.embeddings import TimestepEmbedder, sincos_position_embedding
 from kdlib.nn.functional import attention, materialized_attention
 
@@ -123,14 +124,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
         self.attend = ATTENTION_IMPLS[impl]
 
-    def forward(self, x: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block_mask: BlockLayout | None = None) -> torch.Tensor:
+        """x: [B, N, hidden]; block_mask: a BlockLayout over the N tokens (None: dense)."""
         b, n, hidden = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if block_mask is not None:
-            # The block-sparse attention op (kdlib.kernels.block_sparse_attention) plugs in here.
-            raise NotImplementedError("SelfAttention: block_mask needs kdlib's block-sparse attention")
-        out = self.attend(q, k, v)  # [B, heads, N, head_dim]
+            out = attention(q, k, v, block_mask=block_mask)
+        else:
+            out = self.attend(q, k, v)  # [B, heads, N, head_dim]
         return self.proj(out.transpose(1, 2).reshape(b, n, hidden))
 
 
@@ -153,7 +155,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[1].bias)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, block_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, c: torch.Tensor, block_mask: BlockLayout | None = None
     ) -> torch.Tensor:
         """x: [B, N, hidden]; c: [B, hidden] (time + class embedding)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
@@ -201,10 +203,18 @@ class DiT(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor | None = None,
-        block_mask: torch.Tensor | None = None,
+        block_mask: torch.Tensor | BlockLayout | None = None,
+        block_size: int | tuple[int, int] = 128,
     ) -> torch.Tensor:
-        """x: [B, C, *S]; t: [B] (float); y: [B] long labels (num_classes = null) or None."""
+        """x: [B, C, *S]; t: [B] (float); y: [B] long labels (num_classes = null) or None.
+
+        ``block_mask``: block-sparse self-attention over the patch tokens (raster order): a bool
+        [B or 1, heads or 1, ceil(N/bq), ceil(N/bk)] tile mask (``block_size`` tokens per block)
+        or a prebuilt BlockLayout. The layout is built once here and shared by every block.
+        """
         tokens, grid = patchify(x, self.patch)
+        if isinstance(block_mask, torch.Tensor):
+            block_mask = block_layout(block_mask, block_size)
         h = self.embed(tokens)
         h = h + self.positions(grid, h)
         c = self.t_embed(t)

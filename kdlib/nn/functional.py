@@ -11,6 +11,9 @@ Gradients: the primal output of that Function has the usual SDPA gradient. The t
 has none: a backward pass that reaches it raises a RuntimeError instead of silently treating it
 as a constant. sCM and rCM stop the gradient of dF/dt (``.detach()`` it), which is the supported
 use.
+
+With ``block_mask=`` the same entry point runs block-sparse attention over the selected tiles, so
+a model switches between dense and sparse attention by passing a mask.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from kdlib.kernels.attention_jvp import attention_jvp
+from kdlib.kernels.block_layout import BlockLayout
+from kdlib.kernels.block_sparse_attention import block_sparse_attention
 from kdlib.kernels.reference.attention_jvp import materialized_attention
 
 TANGENT_BACKWARD_ERROR = (
@@ -88,13 +93,38 @@ class _AttentionWithJVP(torch.autograd.Function):
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    block_mask: torch.Tensor | BlockLayout | None = None,
+    block_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Scaled-dot-product attention. q: [B, H, Nq, D]; k, v: [B, H, Nk, D] -> [B, H, Nq, D].
 
     ``scale`` defaults to 1/sqrt(D); ``causal`` is SDPA's ``is_causal`` (top-left aligned: query i
     sees keys j ≤ i). Supports ``torch.func.jvp`` / dual tensors through the fused JVP kernel.
+
+    ``block_mask`` (bool [B or 1, H or 1, ceil(Nq/bq), ceil(Nk/bk)], or a ``BlockLayout`` built
+    once per step) switches to block-sparse attention over the selected tiles
+    (``kdlib.kernels.block_sparse_attention``; ``block_size`` int or (bq, bk), default 128).
     """
+    if block_mask is not None:
+        if causal:
+            raise ValueError(
+                "attention: causal=True with a block_mask is not supported; put the causal pattern in the "
+                "block mask (e.g. block_mask.tril()), which keeps whole diagonal blocks"
+            )
+        if any(_has_tangent(t) for t in (q, k, v)):
+            raise NotImplementedError(
+                "attention: forward-mode AD (torch.func.jvp) through block-sparse attention is not supported; "
+                "call the model without block_mask for the JVP (sCM/rCM tangents), or use dense attention"
+            )
+        return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale)
+    if block_size is not None:
+        raise ValueError("attention: block_size is only used with a block_mask")
     if any(_has_tangent(t) for t in (q, k, v)):
         return _AttentionWithJVP.apply(q, k, v, scale, causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
