@@ -7,7 +7,12 @@ these imports needs Triton or the native extension; they load on first use.
 """
 
 from kdlib.kernels.attention_jvp import attention_jvp
+from kdlib.kernels.block_layout import BlockLayout, block_layout, select_blocks
+from kdlib.kernels.block_sparse_attention import block_sparse_attention
 from kdlib.kernels.ema import ema_update_
 from kdlib.kernels.fused_linear_divergence import fused_linear_divergence
+from kdlib.kernels.masks import adaptive_block_mask, mask_density, tile_order, tile_window_mask
 
-__all__ = ["attention_jvp", "ema_update_", "fused_linear_divergence"]
+__all__ = ["attention_jvp", "ema_update_", "fused_linear_divergence", "BlockLayout", "block_layout",
+           "select_blocks", "block_sparse_attention", "adaptive_block_mask", "mask_density", "tile_order",
+           "tile_window_mask"]
