@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kdlib.kernels._checks import check_same, check_tensor
+from kdlib.kernels._checks import check_attention_inputs
 from kdlib.kernels._dispatch import can_run_triton, notice_once, requested_backend
 from kdlib.kernels.reference.attention_jvp import attention_jvp_reference
 
@@ -58,25 +58,6 @@ def _(q, k, v, tq, tk, tv, scale, causal):
     return q.new_empty(q.shape), q.new_empty(q.shape), lse
 
 
-def _validate(q, k, v, tq, tk, tv) -> None:
-    tensors = {"q": q, "k": k, "v": v, "tq": tq, "tk": tk, "tv": tv}
-    for name, t in tensors.items():
-        check_tensor(OP, name, t, ndim=4, dtypes=ALL_DTYPES)
-    check_same(OP, tensors)
-    bsz, heads, n_q, d = q.shape
-    n_k = k.shape[2]
-    if n_q == 0 or n_k == 0:
-        raise ValueError(f"{OP}: sequence lengths must be ≥ 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    expected = {"k": (bsz, heads, n_k, d), "v": (bsz, heads, n_k, d),
-                "tq": tuple(q.shape), "tk": (bsz, heads, n_k, d), "tv": (bsz, heads, n_k, d)}
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{OP}: {name} must have shape {shape} (B, H, N{'q' if name == 'tq' else 'k'}, D from q "
-                f"{tuple(q.shape)} and k {tuple(k.shape)}), got {tuple(tensors[name].shape)}"
-            )
-
-
 def _triton_unsupported(q: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take these inputs, or None if it can."""
     d = q.shape[-1]
@@ -112,7 +93,7 @@ def attention_jvp(
     Returns (out, tangent_out), both [B, H, Nq, D] in the inputs' dtype, plus lse: [B, H, Nq] in
     fp32 (natural log of the row sums of exp(scale·Q Kᵀ)) when ``return_lse``.
     """
-    _validate(q, k, v, tq, tk, tv)
+    check_attention_inputs(OP, {"q": q, "tq": tq}, {"k": k, "v": v, "tk": tk, "tv": tv}, ALL_DTYPES)
     choice = requested_backend(OP, backend)
     why_not = _triton_unsupported(q)
     if choice == "triton" and why_not is not None:

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from kdlib.kernels._checks import check_same, check_tensor
+from kdlib.kernels._checks import check_attention_inputs
 from kdlib.kernels._dispatch import can_run_triton, notice_once, requested_backend
 from kdlib.kernels.block_layout import BlockLayout, block_layout
 from kdlib.kernels.reference.block_sparse_attention import block_sparse_attention_reference
@@ -73,23 +73,6 @@ class _BlockSparseAttention(torch.autograd.Function):
             interpreted=ctx.interpreted,
         )
         return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def _validate_qkv(q, k, v) -> None:
-    tensors = {"q": q, "k": k, "v": v}
-    for name, t in tensors.items():
-        check_tensor(OP, name, t, ndim=4, dtypes=ALL_DTYPES)
-    check_same(OP, tensors)
-    bsz, heads, n_q, d = q.shape
-    n_k = k.shape[2]
-    if n_q == 0 or n_k == 0:
-        raise ValueError(f"{OP}: sequence lengths must be ≥ 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    for name in ("k", "v"):
-        if tuple(tensors[name].shape) != (bsz, heads, n_k, d):
-            raise ValueError(
-                f"{OP}: {name} must have shape {(bsz, heads, n_k, d)} ([B, H, Nk, D] with B, H, D from q "
-                f"{tuple(q.shape)}), got {tuple(tensors[name].shape)}"
-            )
 
 
 def _layout_for(block_mask, block_size, q: torch.Tensor) -> BlockLayout:
@@ -156,7 +139,7 @@ def block_sparse_attention(
     ``scale`` defaults to 1/sqrt(D). Returns [B, H, Nq, D] in the inputs' dtype; rows of query
     blocks that select nothing are 0.
     """
-    _validate_qkv(q, k, v)
+    check_attention_inputs(OP, {"q": q}, {"k": k, "v": v}, ALL_DTYPES)
     layout = _layout_for(block_mask, block_size, q)
     bsz, heads, n_q, d = q.shape
     layout.check_compatible(n_q, k.shape[2], bsz, heads, OP)

@@ -46,6 +46,18 @@ MIN_TILE = 16  # tl.dot's smallest operand edge
 
 
 @triton.jit
+def _tile_list(COUNT, INDEX, scb, scl, scm, sib, sil, sim, n_heads, BLOCK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+    """This program's (batch, head) and the tile list of the layout row its BLOCK rows fall in:
+    (b, h, number of listed blocks, pointer to the first listed index)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    row = (tl.program_id(0) * BLOCK) // LAYOUT_BLOCK
+    count = tl.load(COUNT + b * scb + h * scl + row * scm)
+    return b, h, count, INDEX + b * sib + h * sil + row * sim
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, O, LSE,
     KV_COUNT, KV_INDEX,
@@ -61,11 +73,7 @@ def _forward_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    row_block = (pid_m * BLOCK_M) // BQ
-    count = tl.load(KV_COUNT + b * scb + h * sch + row_block * scm)
-    index_row = KV_INDEX + b * sib + h * sih + row_block * sim
+    b, h, count, index_row = _tile_list(KV_COUNT, KV_INDEX, scb, sch, scm, sib, sih, sim, n_heads, BLOCK_M, BQ)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -151,11 +159,7 @@ def _dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    col_block = (pid_n * BLOCK_N) // BK
-    count = tl.load(Q_COUNT + b * scb + h * sch + col_block * scn)
-    index_col = Q_INDEX + b * sib + h * sih + col_block * sin
+    b, h, count, index_col = _tile_list(Q_COUNT, Q_INDEX, scb, sch, scn, sib, sih, sin, n_heads, BLOCK_N, BK)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -212,11 +216,7 @@ def _dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    row_block = (pid_m * BLOCK_M) // BQ
-    count = tl.load(KV_COUNT + b * scb + h * sch + row_block * scm)
-    index_row = KV_INDEX + b * sib + h * sih + row_block * sim
+    b, h, count, index_row = _tile_list(KV_COUNT, KV_INDEX, scb, sch, scm, sib, sih, sim, n_heads, BLOCK_M, BQ)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
