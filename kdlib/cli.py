@@ -171,9 +171,15 @@ def benchmarks_dir() -> Path:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     folder = benchmarks_dir()
-    script = folder / f"{args.name.replace('-', '_')}.py"
-    if not script.exists():
-        available = sorted(p.stem.replace("_", "-") for p in folder.glob("*.py")) if folder.exists() else []
+    available = sorted(p.stem.replace("_", "-") for p in folder.glob("*.py")) if folder.exists() else []
+    name = args.name.replace("_", "-")
+    # A unique prefix names a benchmark too: `kdlib bench block-sparse` runs block_sparse_attention.py.
+    matches = [b for b in available if b == name] or [b for b in available if b.startswith(name)]
+    script = folder / f"{matches[0].replace('-', '_')}.py" if len(matches) == 1 else None
+    if script is None:
+        if len(matches) > 1:
+            print(f"kdlib bench: {args.name!r} is ambiguous: {', '.join(matches)}", file=sys.stderr)
+            return 2
         print(
             f"kdlib bench: no benchmark {args.name!r}"
             + (f" (available: {', '.join(available)})" if available else " (benchmarks ship with the source checkout)"),

@@ -136,7 +136,7 @@ def block_sparse_attention(
 
     ``block_mask``: bool [B or 1, H or 1, ceil(Nq/bq), ceil(Nk/bk)], or a ``BlockLayout`` built
     from one. ``block_size``: int or (bq, bk), default 128 (a layout carries its own).
-    ``scale`` defaults to 1/sqrt(D). Returns [B, H, Nq, D] in the inputs' dtype; rows of query
+    ``scale`` (> 0) defaults to 1/sqrt(D). Returns [B, H, Nq, D] in the inputs' dtype; rows of query
     blocks that select nothing are 0.
     """
     check_attention_inputs(OP, {"q": q}, {"k": k, "v": v}, ALL_DTYPES)
@@ -144,6 +144,9 @@ def block_sparse_attention(
     bsz, heads, n_q, d = q.shape
     layout.check_compatible(n_q, k.shape[2], bsz, heads, OP)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        # The kernels take each row's max before scaling, which needs scale > 0.
+        raise ValueError(f"{OP}: scale must be a positive finite number, got {scale}; the default is 1/sqrt(D)")
 
     choice = requested_backend(OP, backend)
     why_not = _triton_unsupported(q, layout.block_size)

@@ -41,6 +41,19 @@ def test_bench_lists_available_benchmarks(capsys):
     assert "no benchmark 'no-such-bench'" in capsys.readouterr().err
 
 
+def test_bench_resolves_a_unique_prefix(tmp_path, capsys, monkeypatch):
+    import kdlib.cli as cli
+
+    for name, code in (("block_sparse_attention", 41), ("ema_update", 42), ("ema_other", 43)):
+        (tmp_path / f"{name}.py").write_text(f"def main(argv):\n    print('ran', argv)\n    return {code}\n")
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path)
+    assert main(["bench", "block-sparse", "--x"]) == 41  # unique prefix
+    assert "ran ['--x']" in capsys.readouterr().out
+    assert main(["bench", "ema_update"]) == 42  # exact name, underscores or dashes
+    assert main(["bench", "ema"]) == 2
+    assert "ambiguous: ema-other, ema-update" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cmd", [["resume"], ["eval"]])
 def test_resume_and_eval_need_a_run_dir(tmp_path, capsys, cmd):
     assert main([*cmd, str(tmp_path)]) == 2

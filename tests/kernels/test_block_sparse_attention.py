@@ -174,6 +174,9 @@ def test_errors_name_the_problem():
                                block_size=10, backend="triton")
     with pytest.raises(ValueError, match="device|on "):
         block_sparse_attention(q, q, q, good.to("meta"), block_size=32)
+    for bad_scale in (0.0, -0.125, float("nan")):
+        with pytest.raises(ValueError, match="scale must be a positive"):
+            block_sparse_attention(q, q, q, good, block_size=32, scale=bad_scale)
 
 
 # ---------------------------------------------------------------------------------------- GPU

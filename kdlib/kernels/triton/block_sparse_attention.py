@@ -100,12 +100,13 @@ def _forward_kernel(
             key_ok = (start_n + offs_n) < n_k
             k = tl.load(k_ptrs + start_n * skn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs + start_n * svn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if not EVEN_K:
             s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Scale after the row max (qk_scale > 0), so that scaling and shifting are one FMA.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
