@@ -22,7 +22,7 @@ import torch
 
 from kdlib.core.method import Method, register_method
 from kdlib.diffusion.guidance import drop_condition
-from kdlib.diffusion.param import get_parameterisation
+from kdlib.diffusion.param import Parameterisation, get_parameterisation
 
 
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -36,6 +36,17 @@ def check_parameterisation(net: torch.nn.Module, name: str, who: str) -> None:
     declared = getattr(net, "parameterisation", None)
     if declared is not None and declared != name:
         raise ValueError(f"{who} network is a {declared!r} model but the recipe says param={name!r}")
+
+
+def denoising_loss(net, param: Parameterisation, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                   cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error of ``net``'s prediction at x_t = α(t)·x0 + σ(t)·ε against the prediction a
+    perfect network makes (the parameterisation's regression target). x0, eps: [B, ...]; t: [B].
+    Also how DMD's fake score learns the generator's samples (``kdlib.methods.distribution_matching``)."""
+    x_t = param.add_noise(x0, eps, t)
+    target = param.from_x0_eps(x_t, x0, eps, t)
+    pred = param.predict(net, x_t, t, **cond)
+    return (pred.float() - target.float()).pow(2).mean()
 
 
 @dataclass
@@ -59,7 +70,4 @@ class FlowMatching(Method):
         cond = drop_condition(cond, self.config.cond_drop)
         eps = torch.randn_like(x0)
         t = self.param.sample_train_time(x0.shape[0], device=x0.device).to(x0.dtype)
-        x_t = self.param.add_noise(x0, eps, t)
-        target = self.param.from_x0_eps(x_t, x0, eps, t)
-        pred = self.param.predict(self.student, x_t, t, **cond)
-        return (pred.float() - target.float()).pow(2).mean(), {}
+        return denoising_loss(self.student, self.param, x0, eps, t, cond), {}

@@ -38,3 +38,20 @@ class TinyNet(nn.Module):
     def forward(self, x, t, y=None):
         y = torch.zeros_like(t) if y is None else y.to(t.dtype)
         return self.net(torch.cat([x, t[:, None], y[:, None]], dim=1))
+
+
+class PointMassResidual(nn.Module):
+    """``PointMassVelocity`` plus a trainable MLP residual whose output layer starts at zero: at
+    initialisation the exact point-mass teacher, and a copy of it (DMD's fake score) can learn."""
+
+    parameterisation = "fm"
+
+    def __init__(self, dim: int = 4):
+        super().__init__()
+        self.exact = PointMassVelocity()
+        self.residual = TinyNet(dim)
+        nn.init.zeros_(self.residual.net[2].weight)
+        nn.init.zeros_(self.residual.net[2].bias)
+
+    def forward(self, x, t, y=None):
+        return self.exact(x, t) + self.residual(x, t, y)
