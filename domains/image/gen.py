@@ -64,6 +64,10 @@ class ImageGenModelConfig:
     diffusers_null_class: int = -1  # class index the diffusers UNet uses as "no class" (-1: none)
     hidden: int = 256
     blocks: int = 4
+    # A smaller student network than the teacher (0: the teacher's width / depth), e.g. SlimFlow's;
+    # it cannot start from the teacher's weights (method_args.init_from_teacher: false).
+    student_hidden: int = 0
+    student_blocks: int = 0
     # Evaluation: teacher ODE steps, student consistency steps, samples per evaluation.
     teacher_sampler: str = "euler"
     teacher_steps: list[int] = field(default_factory=lambda: [50, 10, 4, 2, 1])
@@ -120,13 +124,21 @@ class ImageGenDomain(Domain):
                            num_classes=cfg.num_classes, parameterisation=cfg.param)
 
     def build_student(self) -> torch.nn.Module:
-        if self.model_config.teacher_format == "diffusers":
-            if self.model_config.student_param:
-                raise ValueError("model.student_param is not supported with a diffusers teacher")
+        cfg = self.model_config
+        if cfg.teacher_format == "diffusers":
+            if cfg.student_param or cfg.student_hidden or cfg.student_blocks:
+                raise ValueError("model.student_param, student_hidden and student_blocks are not supported "
+                                 "with a diffusers teacher")
             from kdlib.diffusion.diffusers_io import diffusers_consistency_student
 
             return diffusers_consistency_student(self.build_teacher())
-        net, student_param = self.build_teacher(), self.model_config.student_param
+        if not (cfg.student_hidden or cfg.student_blocks):
+            net = self.build_teacher()
+        else:
+            net = MLPDenoiser(shape=self.image_shape, hidden=cfg.student_hidden or cfg.hidden,
+                              blocks=cfg.student_blocks or cfg.blocks, num_classes=cfg.num_classes,
+                              parameterisation=cfg.param)
+        student_param = cfg.student_param
         if student_param and student_param != self.param.name:
             # e.g. sCM trains in TrigFlow from a flow-matching teacher: the same network, seen
             # through the exact conversion, so the student still starts as the teacher.

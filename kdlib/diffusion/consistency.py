@@ -42,6 +42,9 @@ class ConsistencyModel(nn.Module):
     (initialise it from a teacher of the same parameterisation for distillation).
 
     ``f(x_t, t, edge=e, **cond)`` is the segmented consistency function (module docstring); e [B].
+    ``f(x_t, t, prediction=True, **cond)`` is the wrapped network's own prediction (the velocity
+    for fm): what flow-trained students (reflow) regress, asked through ``forward`` so that a
+    DistributedDataParallel wrapper around the model still averages the gradients.
     The buffer ``segments`` (0: a plain consistency model) is set by segmented training; it is
     saved with the weights so that a reloaded student samples the way it was trained.
     """
@@ -61,8 +64,12 @@ class ConsistencyModel(nn.Module):
         r = self.param.ratio(t)
         return self.sigma_data**2 / ((r - r_min) ** 2 + self.sigma_data**2)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, edge: torch.Tensor | None = None, **cond) -> torch.Tensor:
-        x0, eps = self.param.to_x0_eps(x_t, self.param.predict(self.net, x_t, t, **cond), t)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, edge: torch.Tensor | None = None,
+                prediction: bool = False, **cond) -> torch.Tensor:
+        pred = self.param.predict(self.net, x_t, t, **cond)
+        if prediction:
+            return pred
+        x0, eps = self.param.to_x0_eps(x_t, pred, t)
         if edge is not None:
             return ddim_step(self.param, x0, eps, t, edge)
         if self.boundary == "param":
