@@ -32,13 +32,15 @@ LOG2E = 1.4426950408889634
 
 # Tile configs for GPUs, per padded head dim: forward (BLOCK_M, BLOCK_N, warps, stages); dK/dV
 # (BLOCK_N, BLOCK_M, warps, stages) — keys owned, queries walked; dQ (BLOCK_M, BLOCK_N, warps,
-# stages). Tiles shrink to divide the mask's block size. From benchmarks/block_sparse_attention.py
-# --sweep on an H200 (see RESULTS.md).
-FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+# stages). Tiles shrink to divide the mask's block size. D 64 and 128: the fastest of
+# `scratch`-style sweeps on an H200 (bf16, N=32768, 10% random mask, 128-blocks; the raw timings
+# are in benchmarks/results/block_sparse_sweep.jsonl). D 16/32 reuse D 64's and D 256 keeps small
+# tiles for shared memory: neither was swept.
+FWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
                256: (64, 32, 4, 2)}
-DKDV_CONFIGS = {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2),
+DKDV_CONFIGS = {16: (64, 32, 4, 1), 32: (64, 32, 4, 1), 64: (64, 32, 4, 1), 128: (64, 32, 4, 2),
                 256: (64, 32, 4, 1)}
-DQ_CONFIGS = {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2),
+DQ_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2),
               256: (64, 32, 4, 1)}
 FP32_CONFIG = (64, 32, 4, 2)  # fp32 tiles take twice the shared memory
 INTERPRETER_CONFIG = (32, 32, 1, 1)
