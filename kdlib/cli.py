@@ -1,7 +1,7 @@
 """The ``kdlib`` command.
 
     kdlib info                                   versions, native extension, Triton, GPUs
-    kdlib distill <domain> [--recipe NAME|PATH] [key=value ...]
+    kdlib distill <domain> [--recipe NAME|PATH] [--dry-run] [key=value ...]
     kdlib resume <run_dir>                       continue a stopped run exactly where it was
     kdlib eval <run_dir>                         re-evaluate a run's teacher and students
     kdlib train-teacher <domain> [args ...]      reproduce a domain's shipped teacher
@@ -92,6 +92,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     domain_cls = DOMAINS.get(args.domain)
     recipe = domain_cls.recipe_path(args.recipe)
     cfg = load_run_config(recipe, args.overrides, domain=args.domain)
+    if args.dry_run:
+        from kdlib.core.memory import estimate_run, format_run
+
+        print(f"kdlib: dry run of {cfg.domain} / {cfg.method}, recipe {recipe}: memory of one training step per stage")
+        print(format_run(estimate_run(cfg)))
+        return 0
     _init_dist(cfg.train.device)
     run_dir = create_run_dir(cfg, recipe)
     if distributed.current().is_main:
@@ -199,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="run a distillation recipe of a domain")
     p.add_argument("domain")
     p.add_argument("--recipe", default=None, help="recipe name in the domain's recipes/ folder, or a YAML path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory each network and stage will take (nothing allocated), then exit")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=200 seeds=[0,1]")
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("resume", help="continue a stopped run from its newest checkpoint")

@@ -55,13 +55,32 @@ def merge_recipe(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, recursively; a mapping keyed by positions over a list edits
+    those items (``stages.1.train.steps=5`` changes the second stage's steps)."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and value and all(map(_is_index, value)):
+            out[key] = _merge_items(key, out[key], value)
         else:
             out[key] = value
     return out
+
+
+def _is_index(key: Any) -> bool:
+    return (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+
+
+def _merge_items(key: str, items: list[Any], override: dict[Any, Any]) -> list[Any]:
+    items = list(items)
+    for index, value in override.items():
+        i = int(index)
+        if not 0 <= i < len(items):
+            raise ConfigError(f"override {key}.{index}: {key} has {len(items)} items (positions 0 to {len(items) - 1})")
+        # Items of recipe lists are recipe-like mappings (stages): the method-switch rule applies.
+        items[i] = merge_recipe(items[i], value) if isinstance(items[i], dict) and isinstance(value, dict) else value
+    return items
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -8,8 +8,10 @@
 
 Stages: ``teacher`` (only when no teacher weights are given), then for each seed the distilled
 student (``seed<k>-<method>``) and, with ``baseline: true``, the same student trained on the same
-data, steps and seed without the teacher (``seed<k>-<baseline_method>``). A stage with done.json
-is skipped on resume; an unfinished one resumes from its newest valid checkpoint.
+data, steps and seed without the teacher (``seed<k>-<baseline_method>``). A recipe with
+``stages:`` trains the distilled student through a chain of methods instead, one stage folder
+each, every stage starting from the previous one's student (``kdlib.core.stages``). A stage with
+done.json is skipped on resume; an unfinished one resumes from its newest valid checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kdlib.core.domain import DOMAINS, Domain
 from kdlib.core.method import METHODS
 from kdlib.core.models import Student, Teacher
 from kdlib.core.run_config import TrainConfig, resolve_config
+from kdlib.core.stages import StagePlan, load_start, previous_student, student_stages
 from kdlib.core.trainer import Trainer, resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,9 +118,16 @@ class Experiment:
         distributed.barrier()
 
     def _train(self, name: str, method_name: str, method_cfg: Any, student_model: torch.nn.Module,
-               teacher: Teacher | None, train_cfg: TrainConfig, seed: int) -> tuple[Student, dict[str, float]]:
+               teacher: Teacher | None, train_cfg: TrainConfig, seed: int,
+               start: dict[str, torch.Tensor] | None = None) -> tuple[Student, dict[str, float]]:
+        """Train (or resume) stage ``name``; ``start``: the weights the student starts from (the
+        previous stage's student), None for the domain's initialisation."""
         student = Student(student_model.to(self.device), ema_decays=train_cfg.ema_decays)
+        if start is not None:  # before the method: one that copies the student at construction copies these
+            load_start(student, start)
         method = METHODS.get(method_name)(method_cfg, student, teacher)
+        if start is not None:  # and after: the method's own initialisation (init_from_teacher) must not win
+            load_start(student, start)
         trainer = Trainer(
             method, self.data["train"], train_cfg, stage_dir=self._stage_dir(name), seed=seed,
             order=self.domain.batch_order(self.data["train"], train_cfg.batch_size, seed),
@@ -155,29 +165,40 @@ class Experiment:
             "params": {"teacher": _count(teacher.model), "student": _count(self.domain.build_student())},
             "seeds": {},
         }
-        variants = [(cfg.method, cfg.method_args, teacher)]
-        if cfg.baseline:
-            variants.append((cfg.baseline_method, cfg.baseline_args, None))
+        plans = student_stages(cfg)
         for seed in cfg.seeds:
-            for method_name, method_cfg, maybe_teacher in variants:
-                name = f"seed{seed}-{method_name}"
+            for plan in plans:
+                name = f"seed{seed}-{plan.name}"
                 done = self._done(name)
                 if done is None:
                     seed_everything(seed)
-                    _, done = self._train(name, method_name, method_cfg, self.domain.build_student(),
-                                          maybe_teacher, cfg.train, seed)
+                    _, done = self._train(name, plan.method, plan.method_args, self.domain.build_student(),
+                                          teacher if plan.with_teacher else None, plan.train, seed,
+                                          start=self._stage_start(seed, plan))
                     self._mark_done(name, done)
-                results["seeds"].setdefault(method_name, {})[str(seed)] = done
+                # Every stage's student is evaluated and reported under its stage's name; the last
+                # of a chain is named after the run's method.
+                results["seeds"].setdefault(plan.name, {})[str(seed)] = done
         results["summary"] = summarize(results)
         if self.dist.is_main:
             from kdlib.core.report import write_report
 
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
-            students = {m: self.load_student(f"seed{cfg.seeds[0]}-{m}") for m, _, _ in variants}
+            final = [cfg.method] + ([cfg.baseline_method] if cfg.baseline else [])
+            students = {m: self.load_student(f"seed{cfg.seeds[0]}-{m}") for m in final}
             extra = self.domain.report_sections(self.run_dir, teacher, {k: v for k, v in students.items() if v})
             write_report(self.run_dir, cfg, results, self.domain.primary_metric, extra_sections=extra,
                          table=self.domain.results_table(results, markdown=True))
         return results
+
+    def _stage_start(self, seed: int, plan: StagePlan) -> dict[str, torch.Tensor] | None:
+        """The weights stage ``plan`` of ``seed`` starts from: None for a fresh student, else the
+        final student of the stage before it (its ``plan.start_from`` copy)."""
+        if plan.start_from is None:
+            return None
+        previous = next(s for s in self.cfg.stages if s.name == plan.previous)
+        return previous_student(self._stage_dir(f"seed{seed}-{plan.previous}"), plan.start_from,
+                                previous.train.steps)
 
     def load_student(self, stage: str) -> Student | None:
         """The student (with its EMA copies) from the newest valid checkpoint of ``stage``."""
@@ -186,7 +207,8 @@ class Experiment:
         found = latest_checkpoint(self._stage_dir(stage) / "checkpoints")
         if found is None:
             return None
-        student = Student(self.domain.build_student(), ema_decays=self.cfg.train.ema_decays)
+        # The checkpoint's own decays: stages of a chain may keep different EMA copies.
+        student = Student(self.domain.build_student(), ema_decays=found.meta["ema_decays"])
         _load_prefix(student.model, "model/student/", found.tensors)
         for i, ema in enumerate(student.ema):
             _load_prefix(ema, f"ema/{i}/", found.tensors)
@@ -207,13 +229,12 @@ class Experiment:
             "params": {"teacher": _count(teacher_model), "student": _count(self.domain.build_student())},
             "seeds": {},
         }
-        methods = [cfg.method] + ([cfg.baseline_method] if cfg.baseline else [])
         for seed in cfg.seeds:
-            for method_name in methods:
-                student = self.load_student(f"seed{seed}-{method_name}")
+            for plan in student_stages(cfg):
+                student = self.load_student(f"seed{seed}-{plan.name}")
                 if student is None:
                     continue
-                results["seeds"].setdefault(method_name, {})[str(seed)] = self.evaluate_models(
+                results["seeds"].setdefault(plan.name, {})[str(seed)] = self.evaluate_models(
                     student.evaluation_models()
                 )
         results["summary"] = summarize(results)

@@ -3,8 +3,9 @@
 Top-level keys: ``domain``, ``method``, ``seeds``, ``baseline``, ``runs_dir``, and the sections
 ``train`` (the student's loop), ``teacher`` (where the teacher comes from and, if the recipe trains
 it, its loop), ``data`` and ``model`` (typed by the domain), ``method_args`` (typed by the
-method) and ``baseline_args`` (typed by ``baseline_method``). ``resolve_config`` builds the
-specialised dataclass and checks every key and value.
+method), ``baseline_args`` (typed by ``baseline_method``) and ``stages`` (a chain of methods for
+the student, each stage typed by its own method: ``kdlib.core.stages``). ``resolve_config``
+builds the specialised dataclass and checks every key and value.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class RunConfigBase:
     name: str | None = None  # run folder name; default <domain>-<method>-<time>
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Multi-stage recipes (kdlib.core.stages): empty for a single-stage run; resolve_config types
+    # each entry by its method.
+    stages: list[Any] = field(default_factory=list)
 
 
 def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
@@ -71,7 +75,9 @@ def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
     domain, ``method_args`` typed by the method. Raises ConfigError naming ``source``."""
     from kdlib.core.domain import DOMAINS
     from kdlib.core.method import METHODS
+    from kdlib.core.stages import default_method, resolve_stages
 
+    raw = default_method(raw)
     for key in ("domain", "method"):
         if not isinstance(raw.get(key), str) or not raw.get(key):
             raise ConfigError(f"{source}: the recipe must name a {key} (e.g. {key}: ...)")
@@ -93,22 +99,28 @@ def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
     )
     cfg = build(cls, raw, source=source)
     _check_values(cfg, source)
+    cfg.stages = resolve_stages(raw, cfg, source)
     return cfg
+
+
+def check_train(name: str, train: TrainConfig, source: str) -> None:
+    """Values a TrainConfig's types cannot rule out; ``name`` is its key (``train``, ``stages[1].train``)."""
+    for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"{source}: {name}.{key} must be >= 1, got {getattr(train, key)}")
+    if train.batch_size % train.grad_accum:
+        raise ConfigError(
+            f"{source}: {name}.batch_size={train.batch_size} must be divisible by "
+            f"{name}.grad_accum={train.grad_accum}"
+        )
+    for d in train.ema_decays:
+        if not 0.0 < d < 1.0:
+            raise ConfigError(f"{source}: {name}.ema_decays entries must be in (0, 1), got {d}")
 
 
 def _check_values(cfg: Any, source: str) -> None:
     for name, train in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
-        for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps"):
-            if getattr(train, key) < 1:
-                raise ConfigError(f"{source}: {name}.{key} must be >= 1, got {getattr(train, key)}")
-        if train.batch_size % train.grad_accum:
-            raise ConfigError(
-                f"{source}: {name}.batch_size={train.batch_size} must be divisible by "
-                f"{name}.grad_accum={train.grad_accum}"
-            )
-        for d in train.ema_decays:
-            if not 0.0 < d < 1.0:
-                raise ConfigError(f"{source}: {name}.ema_decays entries must be in (0, 1), got {d}")
+        check_train(name, train, source)
     if not cfg.seeds:
         raise ConfigError(f"{source}: seeds must list at least one seed")
 
@@ -120,7 +132,10 @@ def load_run_config(recipe: str | Path, overrides: list[str] | None = None, *, d
         raw.setdefault("domain", domain)
         if raw["domain"] != domain and not _same_recipe_family(raw["domain"], domain):
             raise ConfigError(f"recipe {recipe} is for domain {raw['domain']!r}, not {domain!r}")
-    raw = merge_recipe(raw, parse_overrides(overrides or []))
+    try:
+        raw = merge_recipe(raw, parse_overrides(overrides or []))
+    except ConfigError as exc:  # e.g. an override of a list item that is not there
+        raise ConfigError(f"recipe {recipe}: {exc}") from None
     source = f"recipe {recipe}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     return resolve_config(raw, source=source)
 

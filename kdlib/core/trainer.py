@@ -60,6 +60,11 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the loop runs the loss under bf16 autocast (fp32 parameters as master weights)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -119,9 +124,9 @@ class Trainer:
         }
         self.step = 0
         self.nonfinite_in_a_row = 0
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if uses_bf16(cfg, self.device)
+            else nullcontext
         )
         self.log = MetricsLog(self.stage_dir, stage=description, enabled=self.dist.is_main)
 
