@@ -3,7 +3,10 @@
 A Method is one distillation algorithm. It sees tensors and callables (the Teacher, the Student
 and any extra trainable networks it declares), never domain code. The Trainer asks it which
 parameter groups to update at each step (``update_groups``: e.g. DMD2's several critic updates per
-generator update) and for the loss of each group on a batch.
+generator update) and for the loss of each group on a batch. Every group's learning-rate schedule
+follows the Trainer's global step (not that group's update count), its base rate is
+``train.group_lr[group]`` or ``train.lr``, and ``bind_wrapped`` hands the method each group's
+(DDP-)wrapped module.
 """
 
 from __future__ import annotations
@@ -61,6 +64,21 @@ class Method:
     def update_groups(self, step: int) -> list[str]:
         """Which groups take an optimizer step at ``step`` (in order). Default: every group."""
         return list(self.trainable_modules())
+
+    def bind_wrapped(self, name: str, module: nn.Module) -> None:
+        """Called by the Trainer once per group of ``trainable_modules``, before training, with the
+        module the loss must call for that group's gradients to be averaged across processes: its
+        DistributedDataParallel wrapper under torchrun, the module itself in one process. Default:
+        nothing (the Trainer already routes ``self.student(...)`` through the student's wrapper).
+
+        A method whose loss calls another group directly (a critic, a discriminator) keeps the
+        module here, e.g. ``if name == "critic": self.critic_forward = module``, and in that
+        group's own loss calls it (``self.critic_forward(...)``) exactly once per backward pass,
+        through ``forward`` (DDP only sees calls of the wrapper; other attributes of
+        ``module.module`` bypass it: route them through the wrapped module's ``forward``, e.g. a
+        ``forward(self, fn, *args)`` that returns ``fn(*args)``). Where the group is only a frozen
+        helper of another group's loss (the critic inside the generator's loss), call the plain
+        module, not the wrapper: DDP would wait for gradients that never come."""
 
     def trained_with(self, group: str) -> list[str]:
         """Groups that ``group``'s loss trains too, in the same backward pass and update (e.g.

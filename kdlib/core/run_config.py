@@ -25,6 +25,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; each has batch_size / grad_accum examples
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
+    # Base learning rate per parameter group of the method (e.g. {critic: 2e-5}); groups not named
+    # use ``lr``. Every group's schedule follows the global step, so all end at ``steps``.
+    group_lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
@@ -113,6 +116,14 @@ def check_train(name: str, train: TrainConfig, source: str) -> None:
             f"{source}: {name}.batch_size={train.batch_size} must be divisible by "
             f"{name}.grad_accum={train.grad_accum}"
         )
+    for group, lr in list(train.group_lr.items()):
+        try:
+            lr = float(lr) if not isinstance(lr, bool) else None
+        except (TypeError, ValueError):
+            lr = None
+        if lr is None or not lr > 0.0:
+            raise ConfigError(f"{source}: {name}.group_lr.{group} must be a number > 0, got {train.group_lr[group]!r}")
+        train.group_lr[group] = lr  # YAML reads "2e-5" as a string
     for d in train.ema_decays:
         if not 0.0 < d < 1.0:
             raise ConfigError(f"{source}: {name}.ema_decays entries must be in (0, 1), got {d}")

@@ -2,15 +2,22 @@
 
 Per step: for each parameter group the method updates at this step, one global batch (split over
 ranks, then into ``grad_accum`` micro-batches) -> loss -> backward -> non-finite guard -> clip ->
-optimizer and schedule step; then EMA. Evaluation, logging and checkpoints at their intervals.
+optimizer and schedule step; then EMA (on steps where the student took an update). Evaluation,
+logging and checkpoints at their intervals.
+
+Several groups (e.g. DMD2's generator and critic, N critic updates per generator update):
+- every group's learning-rate schedule follows the trainer's global step, not the group's own
+  update count, so all schedules span ``train.steps`` and end together;
+- ``train.group_lr`` sets a group's base learning rate (default ``train.lr``);
+- each group is wrapped (DDP under torchrun) and handed to ``Method.bind_wrapped``.
 
 Guarantees:
 - exact resume: a checkpoint holds model, EMA, optimizer, schedule, every RNG and the data
   position, so a run killed at any moment and resumed ends bit-identical (CPU) to one that was not;
 - a non-finite loss or gradient skips the update (logged and warned), ``max_nonfinite_steps`` in a
   row abort the run, and a non-finite checkpoint is never written;
-- under torchrun, DistributedDataParallel over each trainable group; the main process alone
-  writes files.
+- under torchrun, DistributedDataParallel over each trainable group (the method gets every
+  wrapper through ``Method.bind_wrapped``); the main process alone writes files.
 """
 
 from __future__ import annotations
@@ -65,10 +72,48 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
-def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def group_lrs(cfg: TrainConfig, groups: list[str]) -> dict[str, float]:
+    """Each group's base learning rate: ``cfg.group_lr`` where it names the group, else ``cfg.lr``.
+    A name that is not one of ``groups`` raises ValueError listing the valid ones."""
+    unknown = sorted(set(cfg.group_lr) - set(groups))
+    if unknown:
+        raise ValueError(
+            f"train.group_lr names {', '.join(map(repr, unknown))}, which the method does not train; "
+            f"its parameter groups are: {', '.join(map(repr, groups))}"
+        )
+    return {g: float(cfg.group_lr.get(g, cfg.lr)) for g in groups}
+
+
+class GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR whose factor is taken at the trainer's global step (``global_step``) rather than
+    at ``last_epoch``, which still counts this group's own updates. ``at(step)`` sets the learning
+    rate for an update at global step ``step``. Both counters are in ``state_dict`` (checkpoints)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
+        self.global_step = 0
+        super().__init__(optimizer, factor)
+
+    def get_lr(self) -> list[float]:
+        return [base * lmbda(self.global_step) for lmbda, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
+
+    def at(self, step: int) -> None:
+        self.global_step = step
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def step_after_update(self, step: int) -> None:
+        """After an optimizer step at global step ``step``: count the update, and set the rate the
+        next step (``step + 1``) would use, as a plain LambdaLR.step() does for a single group."""
+        self.global_step = step + 1
+        self.step()
 
 
 class Trainer:
@@ -110,18 +155,19 @@ class Trainer:
         # keep BatchOrder's interface, including state()/load_state() for exact resume.
         self.order = order or BatchOrder(size=len(data), batch_size=cfg.batch_size, seed=seed)
         self.modules = method.trainable_modules()
+        lrs = group_lrs(cfg, list(self.modules))
         self.wrapped = {name: self._wrap(name, m) for name, m in self.modules.items()}
         if self.dist.enabled and any(method.trained_with(g) for g in self.modules):
             # Their forward does not run through a DDP wrapper, so nothing would average their gradients.
             raise NotImplementedError(f"method {method.name!r} trains groups jointly (trained_with), "
                                       "which is not supported under torchrun yet; run it in one process")
+        for name, wrapped in self.wrapped.items():
+            method.bind_wrapped(name, wrapped)
         self.optimizers = {
-            name: _make_optimizer([p for p in m.parameters() if p.requires_grad], cfg)
+            name: _make_optimizer([p for p in m.parameters() if p.requires_grad], cfg, lrs[name])
             for name, m in self.modules.items()
         }
-        self.schedules = {
-            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg)) for name, opt in self.optimizers.items()
-        }
+        self.schedules = {name: GlobalStepLR(opt, _lr_lambda(cfg)) for name, opt in self.optimizers.items()}
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.autocast = (
@@ -238,8 +284,9 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
         for g in groups:
+            self.schedules[g].at(self.step)  # the global step's rate, however few updates g has had
             self.optimizers[g].step()
-            self.schedules[g].step()
+            self.schedules[g].step_after_update(self.step)
         logged[f"{group}/lr"] = self.schedules[group].get_last_lr()[0]
         return logged
 
@@ -279,13 +326,17 @@ class Trainer:
             while self.step < self.cfg.steps:
                 logged: dict[str, float] = {}
                 skipped = False
+                updated: set[str] = set()  # groups whose parameters changed at this step
                 for group in self.method.update_groups(self.step):
                     values = self._update(group)
-                    skipped = skipped or bool(values.pop("skipped", 0.0))
+                    if values.pop("skipped", 0.0):
+                        skipped = True
+                    else:
+                        updated.update([group, *self.method.trained_with(group)])
                     logged.update(values)
                 self.step += 1
                 self._guard(skipped, logged)
-                if not skipped and "student" in self.modules:
+                if "student" in updated:  # not on critic-only steps, nor when its update was skipped
                     self.method.student.update_ema()
                 for k, v in logged.items():
                     window.setdefault(k, []).append(v)
