@@ -106,7 +106,9 @@ def consistency_sample(model: nn.Module, param: Parameterisation, noise: torch.T
 def default_times(param: Parameterisation, steps: int) -> list[float]:
     """``steps`` sampling times for a consistency model: t_max, then evenly spaced in the
     parameterisation's own sampling grid (e.g. 2 steps for fm: [1.0, 0.5])."""
-    grid = param.timesteps(steps)
+    # On the CPU whatever the default device: these are host numbers (a method built under
+    # torch.device("meta") for --dry-run could not read them back otherwise).
+    grid = param.timesteps(steps, device="cpu")
     return [float(v) for v in grid[:-1]]
 
 

@@ -29,12 +29,15 @@ def drop_condition(cond: dict[str, torch.Tensor], p: float,
 
 
 def guided_prediction(net, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                      scale: float) -> torch.Tensor:
+                      scale: float | torch.Tensor) -> torch.Tensor:
     """uncond + scale·(cond − uncond) of ``net(x, t, **cond)``: scale 1 is the conditional
     prediction, 0 the unconditional one. One batched call of size 2B. Any prediction type works:
-    every conversion between predictions is affine in the prediction for a fixed (x_t, t)."""
-    if scale == 1.0 or not cond:
+    every conversion between predictions is affine in the prediction for a fixed (x_t, t).
+    ``scale``: a number, or one scale per sample, [B] (SNOOPI's random scales)."""
+    if not cond or (not torch.is_tensor(scale) and scale == 1.0):
         return net(x, t, **cond)
     both = {k: torch.cat([v, n]) for (k, v), n in zip(cond.items(), null_condition(cond).values())}
     pred_c, pred_u = net(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+    if torch.is_tensor(scale):
+        scale = scale.to(pred_c.dtype).reshape(-1, *([1] * (pred_c.dim() - 1)))
     return pred_u + scale * (pred_c - pred_u)

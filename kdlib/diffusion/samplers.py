@@ -31,8 +31,9 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 
 
 def make_denoiser(net, param: Parameterisation, cond: dict[str, torch.Tensor] | None = None,
-                  guidance: float = 1.0) -> Denoise:
-    """(x_t, t) -> (x̂0, ε̂) of ``net(model_input(x_t, t), **cond)``, guided by ``guidance``."""
+                  guidance: float | torch.Tensor = 1.0) -> Denoise:
+    """(x_t, t) -> (x̂0, ε̂) of ``net(model_input(x_t, t), **cond)``, guided by ``guidance`` (a
+    number, or one scale per sample [B])."""
     cond = cond or {}
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

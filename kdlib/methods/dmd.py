@@ -97,7 +97,7 @@ class DMD(Method):
         check_parameterisation(teacher.model, config.param, "the teacher")
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
-        self.critic = Critic(fake_score_network(teacher))
+        self.critic = Critic(fake_score_network(teacher, config))
         self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift)
 
     def trainable_modules(self):

@@ -59,7 +59,7 @@ class RCM(SCMDistillation):
         check_range(self.name, "critic_updates", config.critic_updates, 1)
         check_single_process(self.name)
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
-        self.critic = Critic(fake_score_network(teacher))
+        self.critic = Critic(fake_score_network(teacher, config))
         self.dm = DistributionMatcher(teacher, self.critic, get_parameterisation(config.teacher_param),
                                       config.guidance, config.time_shift)
 

@@ -6,6 +6,7 @@ backward simulation, exact resume, and clear errors for bad options."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -67,10 +68,15 @@ def test_surrogate_gradient_is_the_normalised_score_difference():
     assert ((-x.grad) * (real - fake)).sum() > 0
 
 
-@pytest.mark.parametrize("name,args", [("dmd", {"regression_weight": 0.0}), ("dmd2", {}), ("dmd2", GAN)])
+LORA = {"fake_score": "lora", "lora_rank": 4}
+
+
+@pytest.mark.parametrize("name,args", [("dmd", {"regression_weight": 0.0}), ("dmd2", {}), ("dmd2", GAN),
+                                       ("dmd", {"regression_weight": 0.0, **LORA}), ("dmd2", {**GAN, **LORA})])
 def test_dm_gradient_is_zero_when_fake_and_real_scores_agree(name, args):
-    """The fake score starts as a copy of the teacher: with no guidance its x̂0 equals the real
-    one's, so L_DM and its gradient into the student are exactly zero."""
+    """The fake score starts as the teacher (a copy, or a LoRA adapter whose B = 0): with no
+    guidance its x̂0 equals the real one's, so L_DM and its gradient into the student are exactly
+    zero."""
     torch.manual_seed(0)
     method = _method(name, gen_steps=2, **args)
     _backward(method, _batch(), "student")
@@ -81,9 +87,10 @@ def test_dm_gradient_is_zero_when_fake_and_real_scores_agree(name, args):
     # a guided real score (DMD's asymmetric CFG) or a fake score that moved makes it non-zero
     guided = _method(name, guidance=3.0, **args)
     assert guided.dm.loss(guided.generator.sample(_batch()["x"], {"y": _batch()["y"]}), {"y": _batch()["y"]})[0] > 0
-    with torch.no_grad():
+    with torch.no_grad():  # only the trainable part: a LoRA fake score shares the teacher's weights
         for p in method.critic.net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
     assert method.dm.loss(method.generator.sample(_batch()["x"], {"y": _batch()["y"]}), {"y": _batch()["y"]})[0] > 0
 
 
@@ -170,19 +177,24 @@ def test_two_time_scale_rule_makes_n_critic_updates_per_generator_update(tmp_pat
     assert any("gan/critic_acc" in r for r in records) and any("dm/loss" in r for r in records)
 
 
-def test_gan_head_gets_gradients_only_in_the_critic_update():
+@pytest.mark.parametrize("fake", [{}, LORA])
+def test_gan_head_gets_gradients_only_in_the_critic_update(fake):
+    """The generator's GAN term reaches the student through the critic (for a LoRA fake score,
+    through the teacher's frozen layers) and leaves no gradient on the critic."""
     torch.manual_seed(0)
-    method = _method("dmd2", **GAN)
+    method = _method("dmd2", **GAN, **fake)
     batch = _batch()
+    flags = [p.requires_grad for p in method.critic.parameters()]
     _, stats = _backward(method, batch, "student")
     assert stats["gan/generator"] > 0
     assert all(p.grad is None for p in method.critic.parameters())  # head and fake score untouched
     assert any(g is not None and torch.count_nonzero(g) > 0 for g in _student_grads(method))
-    assert all(p.requires_grad for p in method.critic.parameters())  # frozen() restored them
+    assert [p.requires_grad for p in method.critic.parameters()] == flags  # frozen() restored them
 
     _backward(method, batch, "critic")
     assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in method.critic.head.parameters())
     assert all(g is None for g in _student_grads(method))
+    assert all(p.grad is None for p in method.teacher.parameters())
 
 
 def test_generator_gan_term_pushes_samples_toward_real():
@@ -242,14 +254,16 @@ def test_backward_simulation_feeds_the_student_its_own_outputs(backward_simulati
         assert z.mean() < -5
 
 
-def test_dmd2_kill_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("fake", [{}, LORA])
+def test_dmd2_kill_and_resume_is_exact(tmp_path, fake):
     """Stopped between checkpoints (step 6, last checkpoint 4) and resumed by a fresh method and
     Trainer: bit-identical to an uninterrupted run (generator, critic with its GAN head, both
-    optimizers)."""
+    optimizers). A LoRA critic's checkpoint holds its adapters and head, not the teacher."""
 
     def run(stage, evaluate=None):
         torch.manual_seed(0)
-        method = _method("dmd2", critic_updates=3, gen_steps=2, **GAN)
+        random.seed(0)  # the few-step generator draws its step index from Python's random
+        method = _method("dmd2", critic_updates=3, gen_steps=2, **GAN, **fake)
         trainer = _trainer(method, tmp_path / stage, 12, eval_every=6)
         if evaluate:
             trainer.evaluate = evaluate
@@ -269,6 +283,11 @@ def test_dmd2_kill_and_resume_is_exact(tmp_path):
     assert full.step == resumed.step == 12
     keys = [k for k in full.tensors if k.startswith(("model/", "optim/"))]
     assert any(k.startswith("model/critic/head.") for k in keys) and any(k.startswith("optim/critic") for k in keys)
+    critic = {k for k in keys if k.startswith("model/critic/net.")}
+    if fake:
+        assert critic and all(".lora_" in k for k in critic)
+    else:
+        assert not any(".lora_" in k for k in critic)
     for k in keys:
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
 
