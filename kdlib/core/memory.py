@@ -195,8 +195,14 @@ def _to_fake(roots: Iterable[nn.Module], mode: FakeTensorMode, device: torch.dev
             memo[id(t)] = (t, new)
         return memo[id(t)][1]
 
+    # A module reachable from two roots (Teacher and Teacher.model; a LoRA critic sharing the
+    # teacher's layers) is swapped once: a second pass would fake the fakes and split shared weights.
+    seen: set[int] = set()
     for root in roots:
         for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             for name, p in list(module.named_parameters(recurse=False)):
                 setattr(module, name, fake(p))
             for name, b in list(module.named_buffers(recurse=False)):
