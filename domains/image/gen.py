@@ -13,6 +13,7 @@ report have nothing in common with the classifier recipe, and a second class kee
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from kdlib.core.data import TensorDataset
 from kdlib.core.domain import Domain, register_domain
 from kdlib.diffusion.consistency import ConsistencyModel, few_step_sample
 from kdlib.diffusion.param import get_parameterisation
+from kdlib.diffusion.phase_experts import PhaseExperts
 from kdlib.diffusion.reparam import ReparameterisedNet
 from kdlib.diffusion.samplers import sample as ode_sample
 
@@ -68,6 +70,9 @@ class ImageGenModelConfig:
     # it cannot start from the teacher's weights (method_args.init_from_teacher: false).
     student_hidden: int = 0
     student_blocks: int = 0
+    # Phased DMD: one student network per phase of its K-step sampler (kdlib.diffusion.phase_experts;
+    # K = method_args.phases); 0: one network for every noise level.
+    student_experts: int = 0
     # Evaluation: teacher ODE steps, student consistency steps, samples per evaluation.
     teacher_sampler: str = "euler"
     teacher_steps: list[int] = field(default_factory=lambda: [50, 10, 4, 2, 1])
@@ -126,9 +131,9 @@ class ImageGenDomain(Domain):
     def build_student(self) -> torch.nn.Module:
         cfg = self.model_config
         if cfg.teacher_format == "diffusers":
-            if cfg.student_param or cfg.student_hidden or cfg.student_blocks:
-                raise ValueError("model.student_param, student_hidden and student_blocks are not supported "
-                                 "with a diffusers teacher")
+            if cfg.student_param or cfg.student_hidden or cfg.student_blocks or cfg.student_experts:
+                raise ValueError("model.student_param, student_hidden, student_blocks and student_experts are "
+                                 "not supported with a diffusers teacher")
             from kdlib.diffusion.diffusers_io import diffusers_consistency_student
 
             return diffusers_consistency_student(self.build_teacher())
@@ -139,6 +144,12 @@ class ImageGenDomain(Domain):
                               blocks=cfg.student_blocks or cfg.blocks, num_classes=cfg.num_classes,
                               parameterisation=cfg.param)
         student_param = cfg.student_param
+        if cfg.student_experts:
+            if student_param and student_param != self.param.name:
+                raise ValueError("model.student_experts needs the student in the teacher's parameterisation "
+                                 f"({self.param.name!r}); model.student_param is {student_param!r}")
+            experts = [net] + [copy.deepcopy(net) for _ in range(cfg.student_experts - 1)]
+            return ConsistencyModel(PhaseExperts.for_segments(experts, self.param), self.param)
         if student_param and student_param != self.param.name:
             # e.g. sCM trains in TrigFlow from a flow-matching teacher: the same network, seen
             # through the exact conversion, so the student still starts as the teacher.

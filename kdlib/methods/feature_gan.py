@@ -21,12 +21,13 @@ class FeatureTap:
     """The output of ``net.get_submodule(layer)`` (the first element if it returns a tuple) during
     one call of ``features``; at other times the hook keeps nothing (no activation outlives its pass)."""
 
-    def __init__(self, net: nn.Module, layer: str):
+    def __init__(self, net: nn.Module, layer: str, option: str = "gan_layer",
+                 owner: str = "the fake score network"):
         try:
             module = net.get_submodule(layer)
         except AttributeError:
             names = [name for name, _ in net.named_modules() if name]
-            raise ValueError(f"gan_layer {layer!r} is not a submodule of the fake score network "
+            raise ValueError(f"{option} {layer!r} is not a submodule of {owner} "
                              f"({type(net).__name__}); its submodules: {', '.join(names)}") from None
         self.layer, self.value, self.recording = layer, None, False
         module.register_forward_hook(self._keep)
@@ -46,6 +47,25 @@ class FeatureTap:
         if value is None:
             raise RuntimeError(f"layer {self.layer!r} did not run in the network's forward pass")
         return value
+
+
+def tapped_features(taps: list[FeatureTap], run: Callable[[], object]) -> list[torch.Tensor]:
+    """The outputs of several taps' layers (of one network) from a single ``run()``: one forward
+    pass for every layer, where calling ``features`` per tap would cost one pass each."""
+    for tap in taps:
+        tap.recording, tap.value = True, None
+    try:
+        run()
+    finally:
+        for tap in taps:
+            tap.recording = False
+    values = []
+    for tap in taps:
+        value, tap.value = tap.value, None
+        if value is None:
+            raise RuntimeError(f"layer {tap.layer!r} did not run in the network's forward pass")
+        values.append(value)
+    return values
 
 
 class GANHead(nn.Module):
