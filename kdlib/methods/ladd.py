@@ -13,9 +13,10 @@ N = ``disc_updates``. As in ADD/LADD the student's input at sampler step i > 0 i
 noised to t_i (``backward_simulation`` off, the default; on: the student's own earlier steps, as
 DMD2), so with ``real: teacher`` — LADD's synthetic data — the student trains on teacher samples
 only, and its targets are the teacher's distribution rather than the data's. L_distill is ADD's
-optional distillation loss (ADD eq. 5 with d = mean squared error, c(t) = 1): the student's x̂0
-against the teacher's (guided) x̂0 of it re-noised at the teacher's training law; LADD drops it
-(λ_distill = 0, the default).
+distillation loss (Sauer et al. 2023, "Adversarial Diffusion Distillation", §3, with d the mean
+squared error and c(t) = 1): the student's x̂0 against the teacher's (guided) x̂0 of it re-noised
+at the teacher's training law; LADD drops it (λ_distill = 0, the default). ``disc_warmup`` steps
+of discriminator updates come first (``teacher_discriminator.TeacherDiscriminator.groups``).
 
 The student is a ``ConsistencyModel`` (x̂0 from (x_t, t)) in the teacher's parameterisation, started
 from the teacher; ``gen_steps`` > 1 trains its few-step sampler's times (``FewStepGenerator``).
@@ -105,7 +106,7 @@ class LADD(Method):
         return loss, stats
 
     def distillation_loss(self, fake: torch.Tensor, cond: dict) -> torch.Tensor:
-        """ADD eq. 5 with d = MSE: ‖x̂0 − stopgrad x̂0_teacher(x̂0 re-noised)‖² per value."""
+        """ADD's distillation loss with d = MSE: ‖x̂0 − stopgrad x̂0_teacher(x̂0 re-noised)‖² per value."""
         with torch.no_grad():
             t = self.param.sample_train_time(fake.shape[0], device=fake.device).to(fake.dtype)
             x_t = self.param.add_noise(fake.detach(), torch.randn_like(fake), t)

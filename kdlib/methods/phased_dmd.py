@@ -233,7 +233,8 @@ class PhasedDMD(Method):
         with torch.no_grad():
             state = start
             for j in range(k):
-                state = self.student(state, self._full(self.bounds[j], x), edge=self._full(self.bounds[j + 1], x), **cond)
+                t, edge = self._full(self.bounds[j], x), self._full(self.bounds[j + 1], x)
+                state = self.student(state, t, edge=edge, **cond)
         return state
 
     def expert_step(self, x_in: torch.Tensor, k: int, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:

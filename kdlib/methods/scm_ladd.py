@@ -1,5 +1,5 @@
 """sCM + LADD: SANA-Sprint's hybrid distillation (Chen et al. 2025, "SANA-Sprint: One-Step
-Diffusion with Continuous-Time Consistency Distillation", §3.3, eq. 8–10).
+Diffusion with Continuous-Time Consistency Distillation", §3).
 
 sCM's loss (``kdlib.methods.scm``, the same code) plus LADD's adversarial loss on the student's own
 samples, with the discriminator made of the frozen teacher's features and trainable heads
@@ -10,8 +10,10 @@ samples, with the discriminator made of the frozen teacher's features and traina
 
 x̂0 comes from the TrigFlow student's own sampler (``FewStepGenerator``: from pure noise at one
 step, the 1-step output that is evaluated); it is clean data, so the teacher re-noises it in its
-own parameterisation (``teacher_param``). SANA-Sprint weighs the adversarial term λ_adv = 0.5 and
-uses the hinge loss. During the first ``disc_warmup`` steps the student trains by sCM alone
+own parameterisation (``teacher_param``). The default λ_adv = 0.5 is SANA-Sprint's, in its loss
+scaling; it does not carry over: with sCM's adaptive weight the two gradients differ by orders of
+magnitude (on the MNIST recipe the adversarial one is 60–200× the sCM one, so mnist-scm-ladd uses
+0.001). Hinge loss, as in SANA-Sprint. During the first ``disc_warmup`` steps the student trains by sCM alone
 while the discriminator learns. With ``adv_weight`` 0 the method is sCM exactly: no adversarial term is
 computed and the discriminator never updates, so loss, gradients and random draws are sCM's.
 Batch: ``x`` clean states [B, ...]; other keys are the condition.

@@ -11,17 +11,18 @@ layers the discriminator gives L·M logit tensors (layer-major), each [B, ...] (
 feature position). The teacher's weights never train: in the generator's loss gradients flow
 through it to x0 only, in the discriminator's it runs under no_grad.
 
-Noise levels (LADD §3.2, "we sample t from a logit-normal π(t; m, s)", m = s = 1 biases toward
-high noise, where the teacher's features carry global structure): the law is stated in the
+Noise levels (LADD §3: a logit-normal π(t; m, s); LADD's m = s = 1 biases toward high noise, where
+the teacher's features carry global structure rather than detail): the law is stated in the
 rectified-flow time τ = σ/(α + σ) ∈ [0, 1] (the SNR, independent of the parameterisation), then
 shifted as SD3 does (σ/α scaled by ``disc_time_shift``) and converted to the teacher's own t:
 
     logit_normal: τ = sigmoid(m + s·n), n ~ N(0, 1);   uniform: τ ~ U[0, 1);   train: the teacher's law.
 
-Heads (projection discriminator, Miyato & Koyama 2018, eq. 3; ADD and LADD condition their heads
-the same way): per feature position h = SiLU(LN(W·f)), logit = w·h + ⟨h, e⟩/√C, with
-e = MLP(sin/cos features of log(σ/α)) (+ a class embedding of the integer label
-``cond[disc_class_key]`` when ``disc_classes`` > 0; label −1 is the null class).
+Heads (a projection discriminator, Miyato & Koyama 2018, eq. 3, conditioned on what LADD's heads
+see: the noise level, and the class label where LADD has a text embedding): per feature position
+h = SiLU(LN(W·f)), logit = w·h + ⟨h, e⟩/√C, with e = MLP(sin/cos features of log(σ/α)) (+ a class
+embedding of the integer label ``cond[disc_class_key]`` when ``disc_classes`` > 0; label −1 is
+the null class).
 
 Losses: ``hinge`` (ADD, LADD: D: mean relu(1 − D(real)) + mean relu(1 + D(fake)); G: −mean D(fake))
 or ``non_saturating`` (``feature_gan``'s). Each is averaged over the L·M logit tensors.

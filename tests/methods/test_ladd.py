@@ -159,6 +159,19 @@ def test_generator_adversarial_loss_pushes_samples_toward_real(loss):
     assert all(a.mean() > b.mean() for a, b in zip(after, before))
 
 
+def test_discriminator_warmup_then_n_discriminator_updates_per_generator_update():
+    method = _ladd(disc_warmup=3, disc_updates=2)
+    d, both = ["discriminator"], ["student", "discriminator"]
+    assert [method.update_groups(k) for k in range(8)] == [d, d, d, both, d, both, d, both]
+    # scm_ladd: the student trains by sCM alone during the warm-up, then with the adversarial term
+    hybrid, _ = _scm_pair(disc_warmup=2, tangent_warmup=0)
+    assert [hybrid.update_groups(k) for k in range(4)] == [both, both, both, both]
+    hybrid.update_groups(1)
+    assert "adv/generator" not in hybrid.loss(_batch(), "student")[1]
+    hybrid.update_groups(2)
+    assert "adv/generator" in hybrid.loss(_batch(), "student")[1]
+
+
 def test_noise_level_law_is_ladds_logit_normal_in_the_rectified_flow_time():
     """disc_time=logit_normal (m, s) draws τ with logit τ ~ N(m, s²), converted exactly to the
     teacher's t (fm: t = τ; TrigFlow: the t with the same σ/α); shift scales σ/α."""
