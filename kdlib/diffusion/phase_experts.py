@@ -26,7 +26,8 @@ def phase_boundaries(param: Parameterisation, phases: int) -> torch.Tensor:
     """b_0 = t_max > ... > b_K = t_min [K + 1] float64: the K-segment edges, noise first."""
     if phases < 1:
         raise ValueError(f"the number of phases must be >= 1, got {phases}")
-    return segment_edges(param, phases).flip(0)
+    # On the CPU explicitly: a network may be built under torch.device("meta") (--dry-run).
+    return segment_edges(param, phases, device="cpu").flip(0)
 
 
 class PhaseExperts(nn.Module):
@@ -55,7 +56,7 @@ class PhaseExperts(nn.Module):
         """Experts on the phases of ``phase_boundaries(param, len(experts))``, routed by the time
         the networks see (``param.model_input``: e.g. EDM's c_noise)."""
         inner = phase_boundaries(param, len(experts))[1:-1]
-        _, t_in = param.model_input(torch.zeros(len(inner), 1, dtype=torch.float64), inner)
+        _, t_in = param.model_input(torch.zeros(len(inner), 1, dtype=torch.float64, device="cpu"), inner)
         return cls(experts, t_in.tolist())
 
     def phase(self, t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,11 @@ class PhaseExperts(nn.Module):
         tol = 1e-5 * b.abs().clamp(min=1.0)
         return (t.to(torch.float64)[:, None] <= (b + tol)[None]).sum(dim=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, phase: int | None = None, **cond) -> torch.Tensor:
+        """x [B, ...], t [B] -> the experts' outputs [B, ...]. ``phase``: the phase of every sample,
+        when the caller knows it (a trainer at one sampler step): no routing, no host sync."""
+        if phase is not None:
+            return self.experts[phase](x, t, **cond)
         phase = self.phase(t)
         low, high = phase.aminmax()
         if low == high:  # the usual case (a batch at one sampler step): no gather/scatter

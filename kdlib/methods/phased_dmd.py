@@ -45,9 +45,10 @@ so p_fake,t for t > s is defined by the phase's outputs alone. The scheme implem
    ``distribution_matching.surrogate_loss``; only expert k is in the graph.
 4. Schedule: the two time-scale rule of DMD2, ``critic_updates`` (N) critic updates per generator
    update (groups ``["student", "critic"]`` when step % N == 0). ``phase_steps`` = 0: all phases
-   train together, the critic at phase step % K, the generator at phase (step // N) % K (every
-   expert in turn whatever N and K); ``phase_steps`` = P > 0: progressive, as in the paper — phase
-   k for steps [k·P, (k+1)·P), the last phase from then on (set train.steps = K·P).
+   train together, in blocks of N steps — the block's one generator update and N critic updates
+   all at phase (step // N) % K, so each phase's critic keeps DMD2's N updates per update of its
+   expert; ``phase_steps`` = P > 0: progressive, as in the paper — phase k for steps
+   [k·P, (k+1)·P), the last phase from then on (set train.steps = K·P).
 
 ``guidance`` scales the real score's CFG (DMD's asymmetric guidance); the fake score is unguided.
 Batch: ``x`` clean states [B, ...]; other keys are the condition.
@@ -108,22 +109,31 @@ def transition(param: Parameterisation, x_s: torch.Tensor, s: torch.Tensor, t: t
 def law_table(param: Parameterisation) -> torch.Tensor:
     """2¹⁶ sorted draws [N] (float64) of the teacher's training-time law, from a fixed seed (the
     global random state is not touched): its empirical quantile function."""
-    draws = param.sample_train_time(TABLE_SIZE, generator=torch.Generator().manual_seed(0))
+    # On the CPU explicitly: the method may be built under torch.device("meta") (--dry-run).
+    draws = param.sample_train_time(TABLE_SIZE, device="cpu", generator=torch.Generator().manual_seed(0))
     return draws.to(torch.float64).sort().values
 
 
-def truncated_times(table: torch.Tensor | None, s: float, hi: float, n: int, device=None) -> torch.Tensor:
+def law_mass(table: torch.Tensor, s: float, hi: float) -> tuple[float, float]:
+    """The law's CDF at s and at hi (the fractions of ``table``'s draws below them)."""
+    last = len(table) - 1
+    cdf = torch.searchsorted(table.cpu(), torch.tensor([s, hi], dtype=torch.float64, device="cpu")) / last
+    return float(cdf[0]), float(cdf[1])
+
+
+def truncated_times(table: torch.Tensor | None, s: float, hi: float, n: int, device=None,
+                    mass: tuple[float, float] | None = None) -> torch.Tensor:
     """n times [n] (float64) of the law ``table`` (``law_table``; None: uniform in t) truncated to
-    (s, hi), by inverse CDF: u uniform between the law's CDF at s and at hi, 10⁻⁴ of that mass
-    away from both ends, then the table's quantile (linear between neighbouring draws), clamped
-    inside the interval (where the table holds few draws in it)."""
+    (s, hi), by inverse CDF: u uniform between the law's CDF at s and at hi (``mass``, from
+    ``law_mass`` when not given), 10⁻⁴ of that mass away from both ends, then the table's quantile
+    (linear between neighbouring draws), clamped inside the interval (where the table holds few
+    draws in it). No host sync when ``mass`` is given."""
     u = torch.rand(n, device=device, dtype=torch.float64).clamp(MARGIN, 1 - MARGIN)
     if table is None:
         return hi - (hi - s) * u
+    lo_q, hi_q = mass or law_mass(table, s, hi)
     table = table.to(device)
     last = len(table) - 1
-    lo_q, hi_q = (float(torch.searchsorted(table, torch.tensor(v, dtype=torch.float64, device=device))) / last
-                  for v in (s, hi))
     pos = (lo_q + (hi_q - lo_q) * u).clamp(0, 1) * last
     i = pos.floor().long().clamp(max=last - 1)
     t = table[i] + (pos - i) * (table[i + 1] - table[i])
@@ -166,6 +176,8 @@ class PhasedDMD(Method):
         self._check_student(student.model, k)
         self.bounds = phase_boundaries(self.param, k).tolist()  # b_0 > ... > b_K
         self.table = law_table(self.param) if config.phase_time == "teacher" else None
+        # each phase's share of the law, once: no host sync per step
+        self.mass = [law_mass(self.table, *self.interval(j)) if self.table is not None else None for j in range(k)]
         models = (student.model, *student.ema)
         if config.init_from_teacher:
             state = teacher.model.state_dict()
@@ -202,12 +214,12 @@ class PhasedDMD(Method):
         return [*generator, "critic"]
 
     # -- phases -----------------------------------------------------------------------------------
-    def phase(self, step: int, generator: bool) -> int:
-        """The phase trained at ``step`` by the generator (or the critic); module docstring, 4."""
+    def phase(self, step: int) -> int:
+        """The phase the generator and the critic train at ``step`` (module docstring, 4)."""
         k, cfg = len(self.bounds) - 1, self.config
         if cfg.phase_steps > 0:
             return min(step // cfg.phase_steps, k - 1)
-        return (step // cfg.critic_updates) % k if generator else step % k
+        return (step // cfg.critic_updates) % k
 
     def interval(self, k: int) -> tuple[float, float]:
         """(s, hi): phase k's output level s = b_{k+1} and the top of its noise levels."""
@@ -216,7 +228,9 @@ class PhasedDMD(Method):
 
     def times(self, k: int, n: int, like: torch.Tensor) -> torch.Tensor:
         """n noise levels [n] of phase k, inside (s, hi) (module docstring, 1)."""
-        return truncated_times(self.table, *self.interval(k), n, device=like.device).to(like.dtype)
+        if self.table is not None and self.table.device != like.device:
+            self.table = self.table.to(like.device)
+        return truncated_times(self.table, *self.interval(k), n, like.device, self.mass[k]).to(like.dtype)
 
     def _full(self, value: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full((like.shape[0],), value, device=like.device, dtype=like.dtype)
@@ -234,25 +248,26 @@ class PhasedDMD(Method):
             state = start
             for j in range(k):
                 t, edge = self._full(self.bounds[j], x), self._full(self.bounds[j + 1], x)
-                state = self.student(state, t, edge=edge, **cond)
+                state = self.student(state, t, edge=edge, phase=j, **cond)
         return state
 
     def expert_step(self, x_in: torch.Tensor, k: int, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(G_k(x_in), x̂0_k): phase k's output at b_{k+1} and the expert's clean estimate, [B, ...]
         each, with their graph. The same map as ``ConsistencyModel(x, b_k, edge=b_{k+1})``; asked
         for the raw prediction (through the student's forward, so a DDP wrapper sees it) because
-        the DM weight needs x̂0_k too."""
+        the DM weight needs x̂0_k too. The expert is named (``phase``), not routed by t: the
+        same expert, without a host sync per call."""
         t = self._full(self.bounds[k], x_in)
-        pred = self.student(x_in, t, prediction=True, **cond)
+        pred = self.student(x_in, t, prediction=True, phase=k, **cond)
         x0, eps = self.param.to_x0_eps(x_in, pred, t)
         return ddim_step(self.param, x0, eps, t, self._full(self.bounds[k + 1], x_in)), x0
 
     # -- losses -----------------------------------------------------------------------------------
     def loss(self, batch, group):
         x, cond = split_batch(batch)
-        k = self.phase(self.step, generator=group == "student")
+        k = self.phase(self.step)
         loss, stats = self.generator_loss(x, cond, k) if group == "student" else self.critic_loss(x, cond, k)
-        return loss, {**stats, f"phased/{group}_phase": float(k)}
+        return loss, {**stats, "phased/phase": float(k)}
 
     def generator_loss(self, x: torch.Tensor, cond: dict, k: int) -> tuple[torch.Tensor, dict]:
         x_s, x0 = self.expert_step(self.phase_input(x, cond, k), k, cond)

@@ -159,7 +159,7 @@ class TeacherDiscriminator:
     (``heads``: the module the method trains; the teacher stays out of it and of its checkpoint).
 
     method: the method's name (for errors); options: ``AdversarialOptions``; param: the teacher's
-    parameterisation (re-noising and its x̂0 target live in it).
+    parameterisation (the re-noising lives in it).
     """
 
     def __init__(self, method: str, options: AdversarialOptions, teacher: Teacher, param: Parameterisation):
@@ -168,8 +168,11 @@ class TeacherDiscriminator:
         self.taps = [FeatureTap(teacher.model, layer, "disc_layers", "the teacher network")
                      for layer in options.disc_layers]
         device = next(teacher.model.parameters()).device
-        self.heads = nn.ModuleList(NoiseConditionedHead(c, options.disc_classes)
-                                   for c in options.disc_channels).to(device)
+        # Initialised from the global random state, which is then restored: building the heads
+        # does not shift the draws of the training that follows (scm_ladd at weight 0 is sCM's run).
+        with torch.random.fork_rng(devices=[]):
+            heads = [NoiseConditionedHead(c, options.disc_classes) for c in options.disc_channels]
+        self.heads = nn.ModuleList(heads).to(device)
 
     @property
     def outputs(self) -> int:

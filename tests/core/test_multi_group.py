@@ -68,7 +68,9 @@ def _record_lrs(trainer):
     """(global step, lr) of every optimizer step, per group."""
     seen = {g: [] for g in trainer.optimizers}
     for g, opt in trainer.optimizers.items():
-        opt.register_step_pre_hook(lambda o, args, kwargs, _g=g: seen[_g].append((trainer.step, o.param_groups[0]["lr"])))
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs, _g=g: seen[_g].append((trainer.step, o.param_groups[0]["lr"]))
+        )
     return seen
 
 

@@ -261,6 +261,15 @@ def test_scm_ladd_at_adversarial_weight_zero_is_scm_bit_for_bit(tmp_path):
         (la, ga, wa), (lb, gb, wb) = results
         assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga + wa, gb + wb))
 
+    # building the discriminator heads leaves the global random state as sCM's construction does
+    draws = []
+    for name, args in (("scm_ladd", {**DISC, "adv_weight": 0.0}), ("scm", {})):
+        cls, nets = METHODS.get(name), (TinyNet(), TinyNet())
+        torch.manual_seed(7)
+        cls(cls.Config(**args), _trig_student(nets[0]), Teacher(nets[1]))
+        draws.append(torch.rand(3))
+    assert torch.equal(*draws)
+
     # and through the Trainer: the same student weights after a short run
     def train(method, stage):
         torch.manual_seed(1)
