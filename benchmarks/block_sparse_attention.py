@@ -199,14 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         result["sweep"] = sweep(args.ns[0], args.ds, args.heads, args.block, args.densities[0])
     else:
-        flex_fn = None
-        if not args.no_flex:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            flex_fn = torch.compile(flex_attention, dynamic=False)
         rows = []
         for n in args.ns:
             for d in args.ds:
+                flex_fn = None
+                if not args.no_flex:
+                    from torch.nn.attention.flex_attention import flex_attention
+
+                    # A fresh compile per shape: past dynamo's recompile limit (8 by default) a
+                    # shared compiled function silently falls back to eager flex_attention, which
+                    # materialises the N×N scores (100× slower at 16k, out of memory at 32k).
+                    torch._dynamo.reset()
+                    flex_fn = torch.compile(flex_attention, dynamic=False)
                 rows.extend(bench_shape(n, d, args.heads, args.block, args.densities, flex_fn))
                 torch.cuda.empty_cache()
         result["rows"] = rows
