@@ -75,6 +75,9 @@ class DecoupledDMD(DMD2):
 
     def __init__(self, config, student, teacher):
         super().__init__(config, student, teacher)
+        if config.guidance_range:  # the CA term is scaled by one fixed w − 1 (module docstring)
+            raise ValueError(f"{self.name}: guidance_range is not supported (the CFG-augmentation term is "
+                             "weighted by a fixed guidance − 1); set guidance to one scale instead")
         check_range(self.name, "dm_weight", config.dm_weight, 0.0)
         check_range(self.name, "ca_weight", config.ca_weight, 0.0)
         if not config.ca_time_shift > 0:

@@ -66,6 +66,7 @@ class DMOptions:
     """The options of the distribution-matching term, shared by every method that uses it."""
 
     guidance: float = 1.0  # CFG scale of the real score (DMD's asymmetric CFG; 1: none)
+    guidance_range: list[float] = field(default_factory=list)  # [lo, hi]: SNOOPI's PG-SB scale per sample; []: guidance
     gen_steps: int = 1  # sampling steps the student is trained for (1: a one-step generator)
     backward_simulation: bool = True  # DMD2 §4.5: inputs of later steps come from the student itself
     time_shift: float = 1.0  # σ/α of the noise level scaled by this (SD3's shift; rCM uses 5)
@@ -84,11 +85,22 @@ class DistributionMatchingConfig(DMOptions):
 def check_options(method: str, options: DMOptions) -> None:
     check_range(method, "gen_steps", options.gen_steps, 1)
     check_range(method, "guidance", options.guidance, 0.0)
+    guidance_range(method, options)
     if not options.time_shift > 0:
         raise ValueError(f"{method}: time_shift must be > 0; got {options.time_shift!r}")
     check_choice(method, "fake_score", options.fake_score, FAKE_SCORES)
     check_range(method, "lora_rank", options.lora_rank, 1)
     check_range(method, "lora_alpha", options.lora_alpha, 0.0)
+
+
+def guidance_range(method: str, options: DMOptions) -> tuple[float, float] | None:
+    """``options.guidance_range`` checked, as the (lo, hi) ``DistributionMatcher`` takes; None if empty."""
+    value = options.guidance_range
+    if not value:
+        return None
+    if len(value) != 2 or not 0.0 <= value[0] <= value[1]:
+        raise ValueError(f"{method}: guidance_range must be [lo, hi] with 0 <= lo <= hi, or []; got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def check_single_process(method: str) -> None:

@@ -44,6 +44,7 @@ from kdlib.methods.distribution_matching import (
     check_options,
     check_single_process,
     fake_score_network,
+    guidance_range,
 )
 from kdlib.methods.flow_matching import check_parameterisation, split_batch
 
@@ -98,7 +99,8 @@ class DMD(Method):
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
         self.critic = Critic(fake_score_network(teacher, config))
-        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift)
+        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
+                                      guidance_range=guidance_range(self.name, config))
 
     def trainable_modules(self):
         return {"student": self.student.model, "critic": self.critic}

@@ -42,6 +42,7 @@ from kdlib.methods.distribution_matching import (
     check_single_process,
     fake_score_network,
     frozen,
+    guidance_range,
 )
 from kdlib.methods.feature_gan import discriminator_loss, generator_loss
 from kdlib.methods.flow_matching import check_parameterisation, split_batch
@@ -73,7 +74,8 @@ class DMD2(Method):
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
         self.critic = Critic(fake_score_network(teacher, config), config.gan_layer, config.gan_channels)
-        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift)
+        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
+                                      guidance_range=guidance_range(self.name, config))
 
     def trainable_modules(self):
         return {"student": self.student.model, "critic": self.critic}

@@ -37,6 +37,7 @@ from kdlib.methods.distribution_matching import (
     check_options,
     check_single_process,
     fake_score_network,
+    guidance_range,
 )
 from kdlib.methods.flow_matching import split_batch
 from kdlib.methods.scm import SCMDistillation, SCMMethodConfig
@@ -61,7 +62,8 @@ class RCM(SCMDistillation):
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
         self.critic = Critic(fake_score_network(teacher, config))
         self.dm = DistributionMatcher(teacher, self.critic, get_parameterisation(config.teacher_param),
-                                      config.guidance, config.time_shift)
+                                      config.guidance, config.time_shift,
+                                      guidance_range=guidance_range(self.name, config))
 
     def trainable_modules(self):
         return {**super().trainable_modules(), "critic": self.critic}

@@ -29,7 +29,7 @@ LoRA teacher), scaled by ``time_shift``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +45,7 @@ from kdlib.methods.distribution_matching import (
     check_options,
     check_single_process,
     fake_score_network,
+    guidance_range,
 )
 from kdlib.methods.flow_matching import check_parameterisation, split_batch
 
@@ -53,18 +54,9 @@ from kdlib.methods.flow_matching import check_parameterisation, split_batch
 class VSDConfig(DistributionMatchingConfig):
     fake_score: str = "lora"  # SwiftBrush's LoRA teacher; copy: a full trainable copy
     weighting: str = "vsd"  # vsd: w(t)·Δε (SwiftBrush); dmd: DMD's per-sample normaliser
-    guidance_range: list[float] = field(default_factory=list)  # [lo, hi]: PG-SB scales per sample; []: guidance
     guide_fake_score: bool = False  # the fake score guided by the same scales (SNOOPI's "both teachers")
     fake_cond_drop: float = 0.1  # with guide_fake_score: condition dropout of the fake score's loss
     critic_updates: int = 1  # fake-score updates per student update (SwiftBrush: 1)
-
-
-def check_guidance_range(method: str, value: list[float]) -> tuple[float, float] | None:
-    if not value:
-        return None
-    if len(value) != 2 or not 0.0 <= value[0] <= value[1]:
-        raise ValueError(f"{method}: guidance_range must be [lo, hi] with 0 <= lo <= hi, or []; got {value!r}")
-    return float(value[0]), float(value[1])
 
 
 @register_method("vsd")
@@ -77,7 +69,7 @@ class VSD(Method):
         check_choice(self.name, "weighting", config.weighting, WEIGHTINGS)
         check_range(self.name, "critic_updates", config.critic_updates, 1)
         check_range(self.name, "fake_cond_drop", config.fake_cond_drop, 0.0, 1.0)
-        guidance_range = check_guidance_range(self.name, config.guidance_range)
+        scale_range = guidance_range(self.name, config)
         if config.gen_steps > 1 and not config.backward_simulation:
             raise ValueError(f"{self.name} is image-free: with gen_steps > 1 the later steps' inputs come from the "
                              "student's own samples (backward_simulation: true), never from data")
@@ -89,7 +81,7 @@ class VSD(Method):
             init_student_from_teacher(student, teacher)
         self.critic = Critic(fake_score_network(teacher, config))
         self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
-                                      weighting=config.weighting, guidance_range=guidance_range,
+                                      weighting=config.weighting, guidance_range=scale_range,
                                       guide_fake=config.guide_fake_score, fake_cond_drop=config.fake_cond_drop)
 
     def trainable_modules(self):

@@ -310,3 +310,33 @@ def test_unknown_keys_and_bad_values_stop_clearly():
     with pytest.raises(TypeError, match="ConsistencyModel"):
         cls = METHODS.get("dmd2")
         cls(cls.Config(), Student(TinyNet()), Teacher(TinyNet()))
+
+
+@pytest.mark.parametrize("name", ["dmd", "dmd2"])
+def test_random_guidance_scales_reach_the_real_score_of_dmd_and_dmd2(name):
+    """SNOOPI's per-sample scale (``guidance_range``) is a distribution-matching option, not VSD's
+    alone: under dmd/dmd2 the real score's scale is drawn per sample in [lo, hi], and the one-point
+    range is the fixed-scale path bit for bit."""
+    torch.manual_seed(0)
+    method = _method(name, guidance_range=[1.5, 3.0])
+    scales = method.dm.real_guidance(2048, torch.zeros(2048, 4))
+    assert scales.shape == (2048,) and 1.5 <= scales.min() < 1.55 and 2.95 < scales.max() <= 3.0
+    fixed, point = _method(name, guidance=2.0), _method(name, guidance_range=[2.0, 2.0])
+    point.critic.load_state_dict(fixed.critic.state_dict())
+    point.teacher.model.load_state_dict(fixed.teacher.model.state_dict())
+    with torch.no_grad():  # a fake score that differs from the teacher's
+        for a, b in zip(fixed.critic.parameters(), point.critic.parameters()):
+            b.copy_(a.add_(0.1 * torch.randn_like(a)))
+    batch = _batch()
+    x_t, t = fixed.dm.noised(batch["x"])
+    cond = {"y": batch["y"]}
+    expected = fixed.dm.gradient(batch["x"], x_t, t, cond)
+    assert torch.count_nonzero(expected) > 0
+    assert torch.equal(point.dm.gradient(batch["x"], x_t, t, cond), expected)
+
+
+def test_decoupled_dmd_refuses_a_guidance_range():
+    with pytest.raises(ValueError, match="guidance_range is not supported"):
+        _method("decoupled_dmd", guidance=3.0, guidance_range=[1.0, 2.0])
+    with pytest.raises(ValueError, match="guidance_range must be"):
+        _method("dmd2", guidance_range=[2.0, 1.0])
