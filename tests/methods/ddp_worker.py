@@ -77,9 +77,12 @@ def build(case: str):
     return method, train
 
 
-def config(steps: int = 6) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=16, lr=1e-3, schedule="constant", grad_clip=1.0,
-                       checkpoint_every=100, log_every=100, progress=False, device="cpu")
+def config(case: str, steps: int = 6) -> TrainConfig:
+    # rcm: two micro-batches per update, so the student and the weight trained with it accumulate
+    # without synchronising before the last one
+    return TrainConfig(steps=steps, batch_size=16, grad_accum=2 if case == "rcm" else 1, lr=1e-3,
+                       schedule="constant", grad_clip=1.0, checkpoint_every=100, log_every=100, progress=False,
+                       device="cpu")
 
 
 def _state(prefix: str, trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -114,7 +117,7 @@ def _gradient(trainer: Trainer, group: str, batch: dict, rng: tuple, wrapped: bo
 def run(case: str, out: Path, stage_root: Path) -> None:
     info = distributed.current()
     method, train = build(case)
-    trainer = Trainer(method, train, config(), stage_dir=stage_root / case, seed=1)
+    trainer = Trainer(method, train, config(case), stage_dir=stage_root / case, seed=1)
     tensors = _state("init", trainer)
     trainer.fit()
     tensors.update(_state("final", trainer))
