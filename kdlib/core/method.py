@@ -56,6 +56,7 @@ class Method:
         self.config = config
         self.student = student
         self.teacher = teacher
+        self._wrapped: dict[str, nn.Module] = {}
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Parameter groups by name; each gets its own optimizer. Default: the student alone."""
@@ -69,16 +70,35 @@ class Method:
         """Called by the Trainer once per group of ``trainable_modules``, before training, with the
         module the loss must call for that group's gradients to be averaged across processes: its
         DistributedDataParallel wrapper under torchrun, the module itself in one process. Default:
-        nothing (the Trainer already routes ``self.student(...)`` through the student's wrapper).
+        keeps it for ``group_forward`` (the Trainer already routes ``self.student(...)`` through the
+        student's wrapper).
 
-        A method whose loss calls another group directly (a critic, a discriminator) keeps the
-        module here, e.g. ``if name == "critic": self.critic_forward = module``, and in that
-        group's own loss calls it (``self.critic_forward(...)``) exactly once per backward pass,
-        through ``forward`` (DDP only sees calls of the wrapper; other attributes of
-        ``module.module`` bypass it: route them through the wrapped module's ``forward``, e.g. a
-        ``forward(self, fn, *args)`` that returns ``fn(*args)``). Where the group is only a frozen
-        helper of another group's loss (the critic inside the generator's loss), call the plain
-        module, not the wrapper: DDP would wait for gradients that never come."""
+        A method whose loss trains another group than the student (a critic, a discriminator, a
+        weight ``trained_with`` the student) runs that group through ``self.group_forward(name)``
+        and its ``forward``: DDP sees only calls of the wrapper (other attributes of
+        ``module.module`` bypass it), so a module used in another way gets a
+        ``forward(self, fn, *args)`` that returns ``fn(*args)`` (``Critic``) and takes its loss
+        through it. More than one call of a wrapper before a backward pass is fine (DDP waits for
+        each parameter's gradient once). Where the group is only a frozen helper of another group's
+        loss (the critic inside the generator's loss), call the plain module, not the wrapper: DDP
+        would wait for gradients that never come."""
+        self._wrapped[name] = module
+
+    def group_forward(self, name: str) -> nn.Module:
+        """The module group ``name``'s loss calls (``bind_wrapped``): its DDP wrapper once the
+        Trainer has bound it, else (one process, or a loss called outside the Trainer) the module."""
+        module = self._wrapped.get(name)
+        return module if module is not None else self.trainable_modules()[name]
+
+    def unused_parameters(self, group: str) -> bool:
+        """Whether a backward pass of ``group``'s loss may leave some of its trainable parameters
+        without a gradient (Phased DMD's student: only the phase's expert trains at a step). Under
+        torchrun the Trainer then has DDP look for them after every forward of the group
+        (``find_unused_parameters``: a walk of the autograd graph), without which it would wait for
+        their gradients forever. Default False: every trainable parameter of a group takes part in
+        every backward pass of its loss (parameters frozen with ``requires_grad=False`` at the
+        Trainer's start, e.g. a LoRA fake score's shared weights, are not DDP's)."""
+        return False
 
     def trained_with(self, group: str) -> list[str]:
         """Groups that ``group``'s loss trains too, in the same backward pass and update (e.g.

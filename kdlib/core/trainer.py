@@ -9,7 +9,9 @@ Several groups (e.g. DMD2's generator and critic, N critic updates per generator
 - every group's learning-rate schedule follows the trainer's global step, not the group's own
   update count, so all schedules span ``train.steps`` and end together;
 - ``train.group_lr`` sets a group's base learning rate (default ``train.lr``);
-- each group is wrapped (DDP under torchrun) and handed to ``Method.bind_wrapped``.
+- each group is wrapped (DDP under torchrun, looking for parameters a backward pass leaves without
+  a gradient only where ``Method.unused_parameters`` says so) and handed to ``Method.bind_wrapped``;
+  the groups ``trained_with`` another share its backward passes and its gradient averaging.
 
 Guarantees:
 - exact resume: a checkpoint holds model, EMA, optimizer, schedule, every RNG and the data
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +159,6 @@ class Trainer:
         self.modules = method.trainable_modules()
         lrs = group_lrs(cfg, list(self.modules))
         self.wrapped = {name: self._wrap(name, m) for name, m in self.modules.items()}
-        if self.dist.enabled and any(method.trained_with(g) for g in self.modules):
-            # Their forward does not run through a DDP wrapper, so nothing would average their gradients.
-            raise NotImplementedError(f"method {method.name!r} trains groups jointly (trained_with), "
-                                      "which is not supported under torchrun yet; run it in one process")
         for name, wrapped in self.wrapped.items():
             method.bind_wrapped(name, wrapped)
         self.optimizers = {
@@ -181,7 +179,8 @@ class Trainer:
         if not self.dist.enabled:
             return module
         wrapped = DistributedDataParallel(
-            module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.method.unused_parameters(name),
         )
         if name == "student":
             self.method.student.forward_module = wrapped
@@ -256,15 +255,18 @@ class Trainer:
         groups = [group, *self.method.trained_with(group)]
         for g in groups:
             self.optimizers[g].zero_grad(set_to_none=True)
-        wrapped = self.wrapped[group]
+        wrapped = [self.wrapped[g] for g in groups if isinstance(self.wrapped[g], DistributedDataParallel)]
         micro = self._micro_batches()
         # Values stay on the device until one transfer after the backward passes: a host sync per
         # micro-batch would stall the GPU pipeline.
         loss_sum = torch.zeros((), device=self.device)
         totals: dict[str, torch.Tensor | float] = {}
         for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or not isinstance(wrapped, DistributedDataParallel)
-            with (nullcontext() if sync else wrapped.no_sync()), self.autocast():
+            with ExitStack() as stack:
+                if i < len(micro) - 1:  # gradients are averaged once, after the last micro-batch
+                    for w in wrapped:
+                        stack.enter_context(w.no_sync())
+                stack.enter_context(self.autocast())
                 loss, values = self.method.loss(batch, group)
             (loss / len(micro)).backward()
             loss_sum += loss.detach().float() / len(micro)

@@ -45,6 +45,10 @@ class ConsistencyModel(nn.Module):
     ``f(x_t, t, prediction=True, **cond)`` is the wrapped network's own prediction (the velocity
     for fm): what flow-trained students (reflow) regress, asked through ``forward`` so that a
     DistributedDataParallel wrapper around the model still averages the gradients.
+    ``f(x_in, t, net_tangents=(dx_in, dt), **cond)`` is ``network_jvp`` of the wrapped network:
+    its own output at its own input (x_in, t) (x_t/σ_d for TrigFlow) and the forward-mode
+    derivative along (dx_in, dt), what sCM trains on, asked through ``forward`` for the same reason
+    (DDP cannot run inside a ``torch.func.jvp``; this way the jvp runs inside DDP's forward).
     The buffer ``segments`` (0: a plain consistency model) is set by segmented training; it is
     saved with the weights so that a reloaded student samples the way it was trained.
     """
@@ -65,7 +69,10 @@ class ConsistencyModel(nn.Module):
         return self.sigma_data**2 / ((r - r_min) ** 2 + self.sigma_data**2)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, edge: torch.Tensor | None = None,
-                prediction: bool = False, **cond) -> torch.Tensor:
+                prediction: bool = False, net_tangents: tuple[torch.Tensor, torch.Tensor] | None = None,
+                **cond) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if net_tangents is not None:
+            return network_jvp(self.net, (x_t, t), net_tangents, **cond)
         pred = self.param.predict(self.net, x_t, t, **cond)
         if prediction:
             return pred
@@ -76,6 +83,18 @@ class ConsistencyModel(nn.Module):
             return x0
         c = expand(self.c_skip(t), x_t)
         return c * x_t + (1 - c) * x0
+
+
+def network_jvp(net: nn.Module, primals: tuple[torch.Tensor, torch.Tensor],
+                tangents: tuple[torch.Tensor, torch.Tensor], **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """(net(x, t, **cond), its forward-mode derivative along (dx, dt)) by ``torch.func.jvp``, with
+    the graph of the first for a backward pass. primals (x [B, ...], t [B]) as the network is fed;
+    tangents (dx, dt) of the same shapes."""
+
+    def f(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return net(x, time, **cond)
+
+    return torch.func.jvp(f, primals, tangents)
 
 
 @torch.no_grad()

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from kdlib.core import distributed
 from kdlib.core.models import Student, Teacher
 from kdlib.diffusion.consistency import ConsistencyModel, consistency_sample, default_times
 from kdlib.diffusion.guidance import drop_condition
@@ -56,6 +56,8 @@ from kdlib.methods.consistency_family import check_choice, check_range
 from kdlib.methods.feature_gan import FeatureTap, GANHead
 from kdlib.methods.flow_matching import denoising_loss
 from kdlib.methods.lora_score import LoRAFakeScore
+
+T = TypeVar("T")
 
 FAKE_SCORES = ("copy", "lora")
 WEIGHTINGS = ("dmd", "vsd")
@@ -103,14 +105,6 @@ def guidance_range(method: str, options: DMOptions) -> tuple[float, float] | Non
     return float(value[0]), float(value[1])
 
 
-def check_single_process(method: str) -> None:
-    """The Trainer wraps every group in DDP but hands the method only the student's wrapper, so
-    a critic called directly would train unsynchronised on every rank: refuse instead."""
-    if distributed.current().enabled:
-        raise NotImplementedError(f"{method}: the critic is not averaged across processes under torchrun yet "
-                                  "(the Trainer passes DDP wrappers only for the student); run in one process")
-
-
 def fake_score_network(teacher: Teacher, options: DMOptions | None = None) -> nn.Module:
     """DMD's fake score μ_fake, the one place it is built. ``options.fake_score``: "copy" (the
     default), a trainable full copy of the teacher's network, in fp32 even when the teacher runs in
@@ -142,7 +136,11 @@ class Critic(nn.Module):
     loss, a classifier ``head`` on the features of the fake score's layer ``gan_layer`` (DMD2 §4.3:
     the GAN discriminator shares the fake score's encoder). One module: one optimizer, one
     checkpoint entry. ``gan_layer`` names a submodule of the teacher's network (a LoRA fake score
-    keeps those names in its ``network``)."""
+    keeps those names in its ``network``).
+
+    ``critic(fn, *args, **kwargs)`` is ``fn(*args, **kwargs)``: the critic's own loss is computed
+    through ``forward`` so that under torchrun the call of its DDP wrapper (``Method.group_forward``)
+    spans it and the gradients of ``net`` and ``head`` are averaged across processes."""
 
     def __init__(self, net: nn.Module, gan_layer: str = "", gan_channels: int = 0):
         super().__init__()
@@ -150,6 +148,9 @@ class Critic(nn.Module):
         self.head = GANHead(gan_channels).to(next(net.parameters()).device) if gan_layer else None
         features = net.network if isinstance(net, LoRAFakeScore) else net
         self.tap = FeatureTap(features, gan_layer) if gan_layer else None
+
+    def forward(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        return fn(*args, **kwargs)
 
     def logits(self, param: Parameterisation, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """Real-vs-generated logits of noisy states x_t [B, ...] at t [B] (per feature position)."""

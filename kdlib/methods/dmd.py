@@ -42,7 +42,6 @@ from kdlib.methods.distribution_matching import (
     DistributionMatchingConfig,
     FewStepGenerator,
     check_options,
-    check_single_process,
     fake_score_network,
     guidance_range,
 )
@@ -92,7 +91,6 @@ class DMD(Method):
         check_options(self.name, config)
         check_range(self.name, "regression_weight", config.regression_weight, 0.0)
         check_choice(self.name, "regression_distance", config.regression_distance, DISTANCES)
-        check_single_process(self.name)
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
         self.param = get_parameterisation(config.param)
         check_parameterisation(teacher.model, config.param, "the teacher")
@@ -110,7 +108,7 @@ class DMD(Method):
         if group == "critic":
             with torch.no_grad():
                 fake = self.generator.sample(x, cond)
-            loss = self.dm.fake_score_loss(fake, cond)
+            loss = self.group_forward("critic")(self.dm.fake_score_loss, fake, cond)
             return loss, {"critic/denoise": loss.detach()}
         loss, stats = self.dm.loss(self.generator.sample(x, cond), cond)
         stats["dm/loss"] = loss.detach()

@@ -39,7 +39,6 @@ from kdlib.methods.distribution_matching import (
     DistributionMatchingConfig,
     FewStepGenerator,
     check_options,
-    check_single_process,
     fake_score_network,
     frozen,
     guidance_range,
@@ -67,7 +66,6 @@ class DMD2(Method):
         check_range(self.name, "critic_updates", config.critic_updates, 1)
         check_range(self.name, "gan_generator_weight", config.gan_generator_weight, 0.0)
         check_range(self.name, "gan_critic_weight", config.gan_critic_weight, 0.0)
-        check_single_process(self.name)
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
         self.param = get_parameterisation(config.param)
         check_parameterisation(teacher.model, config.param, "the teacher")
@@ -102,6 +100,11 @@ class DMD2(Method):
     def critic_loss(self, x: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             fake = self.generator.sample(x, cond)
+        # Through the critic's forward: under torchrun its DDP wrapper averages these gradients.
+        return self.group_forward("critic")(self.critic_terms, x, fake, cond)
+
+    def critic_terms(self, x: torch.Tensor, fake: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict]:
+        """L_C of real states x [B, ...] and generator samples fake [B, ...] (detached)."""
         loss = self.dm.fake_score_loss(fake, cond)
         stats = {"critic/denoise": loss.detach()}
         if self.critic.head is not None:

@@ -35,7 +35,7 @@ from kdlib.diffusion.consistency import ConsistencyModel
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.diffusion.samplers import make_denoiser
 from kdlib.methods.consistency_family import check_range, init_student_from_teacher
-from kdlib.methods.distribution_matching import FewStepGenerator, check_single_process
+from kdlib.methods.distribution_matching import FewStepGenerator
 from kdlib.methods.dmd import split_pairs
 from kdlib.methods.flow_matching import check_parameterisation
 from kdlib.methods.teacher_discriminator import AdversarialOptions, TeacherDiscriminator
@@ -65,7 +65,6 @@ class LADD(Method):
         super().__init__(config, student, teacher)
         check_range(self.name, "gen_steps", config.gen_steps, 1)
         check_range(self.name, "distill_weight", config.distill_weight, 0.0)
-        check_single_process(self.name)
         self.param = get_parameterisation(config.param)
         check_parameterisation(teacher.model, config.param, "the teacher")
         check_generator(self.name, student, config.param)
@@ -96,7 +95,8 @@ class LADD(Method):
             with torch.no_grad():
                 fake, real = self.student_sample(x, cond, pairs)
             real = self.disc.real_samples(x, cond, pairs) if real is None else real
-            return self.disc.discriminator_loss(real, fake, cond)
+            # Through the heads' forward: under torchrun their DDP wrapper averages these gradients.
+            return self.group_forward("discriminator")(self.disc.discriminator_loss, real, fake, cond)
         fake, _ = self.student_sample(x, cond, pairs)
         loss, stats = self.disc.generator_loss(fake, cond)
         if self.config.distill_weight > 0:

@@ -69,7 +69,6 @@ from kdlib.methods.consistency_family import check_choice, check_range
 from kdlib.methods.distribution_matching import (
     Critic,
     DistributionMatcher,
-    check_single_process,
     dm_gradient,
     fake_score_network,
     surrogate_loss,
@@ -170,7 +169,6 @@ class PhasedDMD(Method):
         check_range(name, "guidance", config.guidance, 0.0)
         check_choice(name, "score_range", config.score_range, SCORE_RANGES)
         check_choice(name, "phase_time", config.phase_time, PHASE_TIMES)
-        check_single_process(name)
         self.param = get_parameterisation(config.param)
         check_parameterisation(teacher.model, config.param, "the teacher")
         self._check_student(student.model, k)
@@ -207,6 +205,10 @@ class PhasedDMD(Method):
 
     def trainable_modules(self):
         return {"student": self.student.model, "critic": self.critic}
+
+    def unused_parameters(self, group):
+        # A generator update trains the phase's expert only: under DDP the others must be found.
+        return group == "student" and len(self.bounds) > 2
 
     def update_groups(self, step):
         self.step = step  # the phase follows the trainer's step (exact on resume)
@@ -284,5 +286,6 @@ class PhasedDMD(Method):
             x_s, _ = self.expert_step(self.phase_input(x, cond, k), k, cond)
         s = self._full(self.interval(k)[0], x)
         t = self.times(k, x.shape[0], x)
-        loss = subinterval_denoising_loss(self.critic.net, self.param, x_s, s, t, torch.randn_like(x), cond)
+        loss = self.group_forward("critic")(subinterval_denoising_loss, self.critic.net, self.param, x_s, s, t,
+                                            torch.randn_like(x), cond)
         return loss, {"critic/denoise": loss.detach()}

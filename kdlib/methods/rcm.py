@@ -35,7 +35,6 @@ from kdlib.methods.distribution_matching import (
     DMOptions,
     FewStepGenerator,
     check_options,
-    check_single_process,
     fake_score_network,
     guidance_range,
 )
@@ -58,7 +57,6 @@ class RCM(SCMDistillation):
         check_options(self.name, config)
         check_range(self.name, "dm_weight", config.dm_weight, 0.0)
         check_range(self.name, "critic_updates", config.critic_updates, 1)
-        check_single_process(self.name)
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
         self.critic = Critic(fake_score_network(teacher, config))
         self.dm = DistributionMatcher(teacher, self.critic, get_parameterisation(config.teacher_param),
@@ -83,7 +81,7 @@ class RCM(SCMDistillation):
         if group == "critic":
             with torch.no_grad():
                 fake = self.generator.sample(x0, cond)
-            loss = self.dm.fake_score_loss(fake, cond)
+            loss = self.group_forward("critic")(self.dm.fake_score_loss, fake, cond)
             return loss, {"critic/denoise": loss.detach()}
         loss, stats = super().loss(batch, group)
         if self.dm_active(self.step) and self.config.dm_weight > 0:

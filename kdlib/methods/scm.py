@@ -27,7 +27,7 @@ from torch import nn
 
 from kdlib.core.method import Method, register_method
 from kdlib.diffusion import trigflow
-from kdlib.diffusion.consistency import ConsistencyModel
+from kdlib.diffusion.consistency import ConsistencyModel, network_jvp
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.diffusion.reparam import ReparameterisedNet
 from kdlib.methods.consistency_family import init_student_from_teacher
@@ -35,6 +35,7 @@ from kdlib.methods.flow_matching import check_parameterisation, split_batch
 from kdlib.nn.embeddings import sinusoidal_embedding
 
 Net = Callable[..., torch.Tensor]
+JVP = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (primals, tangents, **cond) -> (F, dF)
 
 
 @dataclass
@@ -73,19 +74,20 @@ def normalize_tangent(g: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def f_and_time_derivative(
-    net: Net, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, sigma_d: float, **cond
+    net: Net, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, sigma_d: float,
+    jvp: JVP | None = None, **cond
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """F(x_t/σ_d, t) (with its graph if grad is on) and σ_d·cos(t)sin(t)·dF/dt along the PF-ODE
     (detached). x_t, dxt_dt: [B, ...]; t: [B]. The cos·sin factor is put in the tangents, not
-    applied afterwards, so dF/dt never blows up near t = π/2 (as in the paper)."""
+    applied afterwards, so dF/dt never blows up near t = π/2 (as in the paper). ``jvp``: what
+    computes (F, dF) of (primals, tangents, **cond) in place of ``network_jvp`` of ``net`` (the
+    same computation through a module's forward, e.g. a DDP-wrapped student's)."""
     cs = torch.cos(t) * torch.sin(t)
-
-    def f(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        return net(x, time, **cond)
-
-    f_value, tangent = torch.func.jvp(
-        f, (x_t / sigma_d, t), (trigflow.expand(cs, x_t) * dxt_dt, cs * sigma_d)
-    )
+    primals, tangents = (x_t / sigma_d, t), (trigflow.expand(cs, x_t) * dxt_dt, cs * sigma_d)
+    if jvp is None:
+        f_value, tangent = network_jvp(net, primals, tangents, **cond)
+    else:
+        f_value, tangent = jvp(primals, tangents, **cond)
     return f_value, tangent.detach()
 
 
@@ -100,14 +102,16 @@ def scm_loss(
     sigma_d: float,
     norm_c: float = 0.1,
     weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    jvp: JVP | None = None,
     **cond,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The sCM loss for one batch. x0, z, dxt_dt: [B, ...] (z ~ N(0, σ_d²)); t: [B].
+    """The sCM loss for one batch. x0, z, dxt_dt: [B, ...] (z ~ N(0, σ_d²)); t: [B]. ``jvp``: see
+    ``f_and_time_derivative``.
 
     Returns the scalar loss (mean over the batch) and detached scalar statistics for logging.
     """
     x_t = trigflow.add_noise(x0, z, t)
-    f_theta, cs_df_dt = f_and_time_derivative(net, x_t, t, dxt_dt, sigma_d, **cond)
+    f_theta, cs_df_dt = f_and_time_derivative(net, x_t, t, dxt_dt, sigma_d, jvp, **cond)
     f_minus = f_theta.detach()
     cos, sin = trigflow.expand(torch.cos(t), x_t), trigflow.expand(torch.sin(t), x_t)
     g = -cos**2 * (sigma_d * f_minus - dxt_dt) - r * (cos * sin * x_t + cs_df_dt)
@@ -129,14 +133,15 @@ class SCM:
     """sCM training step on a student F-prediction network.
 
     teacher: None for consistency training from data (sCT), else the pretrained F-prediction
-    network whose PF-ODE tangent σ_d·F_pre(x_t/σ_d, t) is distilled (sCD).
+    network whose PF-ODE tangent σ_d·F_pre(x_t/σ_d, t) is distilled (sCD); weight: w(t) (called
+    once per loss); jvp: see ``f_and_time_derivative``.
     """
 
     def __init__(self, student: Net, teacher: Net | None = None, config: SCMConfig | None = None,
-                 weight: AdaptiveWeight | None = None):
+                 weight: Callable[[torch.Tensor], torch.Tensor] | None = None, jvp: JVP | None = None):
         self.student, self.teacher = student, teacher
         self.config = config or SCMConfig()
-        self.weight = weight
+        self.weight, self.jvp = weight, jvp
 
     def loss(self, x0: torch.Tensor, step: int, generator: torch.Generator | None = None,
              **cond) -> tuple[torch.Tensor, dict[str, float]]:
@@ -153,7 +158,7 @@ class SCM:
                 dxt_dt = trigflow.f_velocity(self.teacher, x_t, t, cfg.sigma_d, **cond)
         r = tangent_warmup(step, cfg.tangent_warmup)
         return scm_loss(self.student, x0, z, t, dxt_dt, r=r, sigma_d=cfg.sigma_d,
-                        norm_c=cfg.tangent_norm_c, weight=self.weight, **cond)
+                        norm_c=cfg.tangent_norm_c, weight=self.weight, jvp=self.jvp, **cond)
 
     def train_step(self, optimizer: torch.optim.Optimizer, x0: torch.Tensor, step: int,
                    generator: torch.Generator | None = None, **cond) -> dict[str, torch.Tensor]:
@@ -202,10 +207,18 @@ class SCMDistillation(Method):
         tangent_net = teacher.model
         if config.teacher_param != "trigflow":
             tangent_net = ReparameterisedNet(teacher.model, get_parameterisation(config.teacher_param), model.param)
-        self.weight = AdaptiveWeight() if config.adaptive_weight else None
+        # On the student's device from the start: under torchrun it is a DDP-wrapped group.
+        device = next(model.parameters()).device
+        self.weight = AdaptiveWeight().to(device) if config.adaptive_weight else None
         self.scm = SCM(model.net, tangent_net, SCMConfig(self.sigma_d, config.p_mean, config.p_std,
-                                                         config.tangent_warmup, config.tangent_norm_c), self.weight)
+                                                         config.tangent_warmup, config.tangent_norm_c),
+                       self.weight, jvp=self.student_jvp)
         self.step = 0
+
+    def student_jvp(self, primals: tuple, tangents: tuple, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, dF) of the student's network through the student's forward (its DDP wrapper under
+        torchrun, which then averages the sCM gradients): ``ConsistencyModel``'s ``net_tangents``."""
+        return self.student(*primals, net_tangents=tangents, **cond)
 
     def trainable_modules(self):
         modules = {"student": self.student.model}
@@ -222,6 +235,7 @@ class SCMDistillation(Method):
 
     def loss(self, batch, group):
         x0, cond = split_batch(batch)
-        self.scm.weight = self.weight.to(x0.device) if self.weight is not None else None
+        # w(t) through its own wrapper: trained with the student, averaged with it under torchrun.
+        self.scm.weight = self.group_forward("scm_weight") if self.weight is not None else None
         loss, stats = self.scm.loss(x0, self.step, **cond)
         return loss, {"scm/mse": stats["mse"], "scm/tangent_norm": stats["tangent_norm"]}

@@ -28,7 +28,7 @@ import torch
 from kdlib.core.method import register_method
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.methods.consistency_family import check_range
-from kdlib.methods.distribution_matching import FewStepGenerator, check_single_process
+from kdlib.methods.distribution_matching import FewStepGenerator
 from kdlib.methods.flow_matching import split_batch
 from kdlib.methods.scm import SCMDistillation, SCMMethodConfig
 from kdlib.methods.teacher_discriminator import AdversarialOptions, TeacherDiscriminator
@@ -49,7 +49,6 @@ class SCMLADD(SCMDistillation):
         super().__init__(config, student, teacher)
         check_range(self.name, "adv_weight", config.adv_weight, 0.0)
         check_range(self.name, "gen_steps", config.gen_steps, 1)
-        check_single_process(self.name)
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
         self.disc = TeacherDiscriminator(self.name, config, teacher, get_parameterisation(config.teacher_param))
 
@@ -71,7 +70,9 @@ class SCMLADD(SCMDistillation):
             x0, cond = split_batch(batch)
             with torch.no_grad():
                 fake = self.generator.sample(x0, cond)
-            return self.disc.discriminator_loss(self.disc.real_samples(x0, cond), fake, cond)
+            real = self.disc.real_samples(x0, cond)
+            # Through the heads' forward: under torchrun their DDP wrapper averages these gradients.
+            return self.group_forward("discriminator")(self.disc.discriminator_loss, real, fake, cond)
         loss, stats = super().loss(batch, group)
         if self.adv_active(self.step):
             x0, cond = split_batch(batch)

@@ -33,8 +33,10 @@ them, else ``teacher_steps`` ODE steps from fresh noise under the batch's condit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ from kdlib.methods.consistency_family import check_choice, check_range
 from kdlib.methods.distribution_matching import frozen
 from kdlib.methods.feature_gan import FeatureTap, discriminator_loss, generator_loss, tapped_features
 from kdlib.nn.embeddings import sinusoidal_embedding
+
+T = TypeVar("T")
 
 DISC_TIMES = ("logit_normal", "uniform", "train")
 DISC_LOSSES = ("hinge", "non_saturating")
@@ -154,6 +158,16 @@ def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+class DiscriminatorHeads(nn.ModuleList):
+    """The trainable heads, one per teacher layer (a ModuleList: its state dict keys are the
+    heads' indices). ``heads(fn, *args, **kwargs)`` is ``fn(*args, **kwargs)``: the
+    discriminator's loss is computed through ``forward`` so that under torchrun the call of its
+    DDP wrapper (``Method.group_forward``) spans it and the heads' gradients are averaged."""
+
+    def forward(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        return fn(*args, **kwargs)
+
+
 class TeacherDiscriminator:
     """The frozen teacher's features at several layers and noise levels, and the trainable heads
     (``heads``: the module the method trains; the teacher stays out of it and of its checkpoint).
@@ -172,7 +186,7 @@ class TeacherDiscriminator:
         # does not shift the draws of the training that follows (scm_ladd at weight 0 is sCM's run).
         with torch.random.fork_rng(devices=[]):
             heads = [NoiseConditionedHead(c, options.disc_classes) for c in options.disc_channels]
-        self.heads = nn.ModuleList(heads).to(device)
+        self.heads = DiscriminatorHeads(heads).to(device)
 
     @property
     def outputs(self) -> int:

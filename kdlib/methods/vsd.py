@@ -43,7 +43,6 @@ from kdlib.methods.distribution_matching import (
     DistributionMatchingConfig,
     FewStepGenerator,
     check_options,
-    check_single_process,
     fake_score_network,
     guidance_range,
 )
@@ -73,7 +72,6 @@ class VSD(Method):
         if config.gen_steps > 1 and not config.backward_simulation:
             raise ValueError(f"{self.name} is image-free: with gen_steps > 1 the later steps' inputs come from the "
                              "student's own samples (backward_simulation: true), never from data")
-        check_single_process(self.name)
         self.generator = FewStepGenerator(student, config.gen_steps, backward_simulation=True)
         self.param = get_parameterisation(config.param)
         check_parameterisation(teacher.model, config.param, "the teacher")
@@ -98,7 +96,7 @@ class VSD(Method):
         if group == "critic":
             with torch.no_grad():
                 fake = self.generator.sample(like, cond)
-            loss = self.dm.fake_score_loss(fake, cond)
+            loss = self.group_forward("critic")(self.dm.fake_score_loss, fake, cond)
             return loss, {"critic/denoise": loss.detach()}
         loss, stats = self.dm.loss(self.generator.sample(like, cond), cond)
         stats["vsd/loss"] = loss.detach()
