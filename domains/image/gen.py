@@ -24,12 +24,14 @@ from domains.image.gen_data import DIGITS_SHAPE, check_shape, load_gen_splits
 from domains.image.gen_grid import save_grid
 from domains.image.gen_metrics import DigitsScorer
 from domains.image.gen_models import MLPDenoiser
+from domains.image.gen_pairs import attach_pairs, ode_pairs, placeholder_pairs
 from domains.image.gen_pixel_metrics import PixelScorer
 from domains.image.gen_report import PAIRED_HEADER, paired_rows, report_section, sample_grid
 from domains.image.gen_sources import DataError
 from kdlib.core.checkpoint import load_weights
 from kdlib.core.data import TensorDataset
 from kdlib.core.domain import Domain, register_domain
+from kdlib.core.method import Method
 from kdlib.diffusion.consistency import ConsistencyModel, few_step_sample
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.diffusion.phase_experts import PhaseExperts
@@ -51,6 +53,15 @@ class ImageGenDataConfig:
     patch_short_side: int = 128
     patch_stride: int = 16
     split_seed: int = 0
+    # The teacher's ODE pairs (domains.image.gen_pairs), attached to the training split for a method
+    # that regresses on them (its needs_ode_pairs, e.g. dmd with regression_weight > 0): about
+    # ode_pairs pairs, stratified by label, each the teacher's model.teacher_sampler solution in
+    # ode_pair_steps steps (at model.guidance) from noise of seed ode_pair_seed; computed once and
+    # cached on disk (under $KDLIB_CACHE_DIR, default ~/.cache/kdlib). ode_pairs >= the training
+    # rows: one pair per row.
+    ode_pairs: int = 2000
+    ode_pair_steps: int = 50
+    ode_pair_seed: int = 0
 
 
 @dataclass
@@ -104,6 +115,9 @@ class ImageGenDomain(Domain):
             raise ValueError(f"model.image_shape must be [C, H, W], got {list(model_config.image_shape)}")
         # A diffusers teacher arrives trained: the run has no teacher stage.
         self.teacher_is_pretrained = model_config.teacher_format == "diffusers"
+        for key in ("ode_pairs", "ode_pair_steps"):
+            if getattr(data_config, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(data_config, key)}")
         self.digits = self.image_shape == DIGITS_SHAPE and (data_config.source in ("mnist", "opencv-digits")
                                                               and not data_config.folder)
         if not self.digits:  # no digit classifier for these images: block-pixel statistics instead
@@ -115,6 +129,19 @@ class ImageGenDomain(Domain):
         if top >= max(self.model_config.num_classes, 0) and top >= 0:
             raise DataError(f"the data has {top + 1} classes but model.num_classes is {self.model_config.num_classes}")
         return splits
+
+    def stage_data(self, train: TensorDataset, method: Method) -> TensorDataset:
+        """The training split with the teacher's ODE pairs attached when ``method`` needs them
+        (``needs_ode_pairs``; ``domains.image.gen_pairs``: computed once per key, cached on disk)."""
+        if not getattr(method, "needs_ode_pairs", False):
+            return train
+        teacher = method.teacher
+        if next(teacher.model.parameters()).device.type == "meta":  # kdlib distill --dry-run
+            return placeholder_pairs(train)
+        cfg, model = self.data_config, self.model_config
+        pairs = ode_pairs(train, teacher, self.param, count=cfg.ode_pairs, steps=cfg.ode_pair_steps,
+                          sampler=model.teacher_sampler, guidance=model.guidance, seed=cfg.ode_pair_seed)
+        return attach_pairs(train, pairs)
 
     def build_teacher(self) -> torch.nn.Module:
         cfg = self.model_config
@@ -195,8 +222,8 @@ class ImageGenDomain(Domain):
             out = few_step_sample(model, model.param, noise, steps,
                                   generator=torch.Generator(noise.device).manual_seed(7), **cond)
         else:
-            out = ode_sample(model, self.param, noise, steps, self.model_config.teacher_sampler, cond=cond,
-                             guidance=self.model_config.guidance)
+            out = ode_sample(low_precision_caller(model, noise.dtype), self.param, noise, steps,
+                             self.model_config.teacher_sampler, cond=cond, guidance=self.model_config.guidance)
         return out.clamp(-1, 1)
 
     def _scorer(self, split: TensorDataset) -> DigitsScorer | PixelScorer:
@@ -282,6 +309,23 @@ def check_teacher_checkpoint(path: Path, param: str, model: torch.nn.Module) -> 
                 raise DataError(f"teacher checkpoint {path} does not fit the network for model.image_shape="
                                 f"{list(shape) if shape else '?'}: tensor {key!r} has shape {found}, expected "
                                 f"{expected[key]}")
+
+
+def low_precision_caller(model: torch.nn.Module, dtype: torch.dtype):
+    """``model`` itself, or, when its weights are in another floating dtype than the sampler's
+    states (a ``teacher.dtype: bf16`` teacher's network, evaluated bare), a call that casts the
+    floating inputs to the weights' dtype and the output back to ``dtype``, as
+    ``kdlib.core.models.Teacher`` does: the ODE is still integrated in ``dtype``."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None or weight.dtype == dtype:
+        return model
+    low = weight.dtype
+
+    def call(*args, **kwargs):
+        cast = lambda v: v.to(low) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        return model(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()}).to(dtype)
+
+    return call
 
 
 def _eval_noise(n: int, shape: tuple[int, ...], device, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kdlib.core.data import BatchOrder, TensorDataset
-from kdlib.core.method import NoConfig
+from kdlib.core.method import Method, NoConfig
 from kdlib.core.registry import Registry
 
 BUILTIN_DOMAINS = ("image", "video", "speech", "shape3d", "robot", "llm")
@@ -88,6 +88,14 @@ class Domain:
         """``kdlib export``: write a trained student in another framework's format (e.g.
         "diffusers") under ``out_dir``; returns the folder written. Default: not supported."""
         raise NotImplementedError(f"domain {self.name!r} cannot export students (format {format!r})")
+
+    def stage_data(self, train: TensorDataset, method: Method) -> TensorDataset:
+        """The training data of one stage, given its method (built, with its teacher): ``train``
+        itself, or ``train`` with what the method declares it needs from the domain attached to
+        every row (image-gen: the teacher's ODE pairs for a method whose ``needs_ode_pairs`` is
+        true). Called once per stage, before training and on resume: it must be deterministic.
+        Default: ``train``."""
+        return train
 
     def batch_order(self, train: TensorDataset, batch_size: int, seed: int) -> BatchOrder | None:
         """The order in which training examples are drawn; None: uniform, reshuffled each epoch."""

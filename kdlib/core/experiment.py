@@ -128,9 +128,10 @@ class Experiment:
         method = METHODS.get(method_name)(method_cfg, student, teacher)
         if start is not None:  # and after: the method's own initialisation (init_from_teacher) must not win
             load_start(student, start)
+        data = self.domain.stage_data(self.data["train"], method)
         trainer = Trainer(
-            method, self.data["train"], train_cfg, stage_dir=self._stage_dir(name), seed=seed,
-            order=self.domain.batch_order(self.data["train"], train_cfg.batch_size, seed),
+            method, data, train_cfg, stage_dir=self._stage_dir(name), seed=seed,
+            order=self.domain.batch_order(data, train_cfg.batch_size, seed),
             evaluate=lambda step: self.evaluate_models(student.evaluation_models()),
             augment=lambda batch: self.domain.augment(batch, "teacher" if name == "teacher" else "student"),
             description=name,

@@ -232,13 +232,15 @@ def estimate_training(
     augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     world_size: int = 1,
     resident: Callable[[], dict[str, nn.Module]] | None = None,
+    stage_data: Callable[[TensorDataset, Method], TensorDataset] | None = None,
 ) -> StageMemory:
     """The memory of one training step of the method ``build_method()`` returns (it is called
     under ``torch.device("meta")``: build teacher, student and method there) on ``data`` (its
     first micro-batch gives the shapes) with ``cfg``, for a run on ``device``. ``resident()``
     (also called on meta) names networks that stay on the device without taking part (e.g. the
     run's teacher while the no-teacher baseline trains). See the module docstring for what is
-    counted. Nothing is allocated on ``device``.
+    counted. ``stage_data(data, method)`` (``Domain.stage_data``, given the meta-built method)
+    gives the stage's own training data. Nothing is allocated on ``device``.
 
     A CUDA run can be estimated on a machine without CUDA: the step then runs on fake CPU tensors
     under CPU autocast (whose op lists differ slightly from CUDA's), noted in the result.
@@ -250,17 +252,18 @@ def estimate_training(
         compute, note = torch.device("cpu"), "no CUDA here: estimated on fake CPU tensors with CPU autocast"
     bf16 = uses_bf16(cfg, device)
     micro = cfg.batch_size // (world_size * cfg.grad_accum)
-    batch = {k: v[:micro].clone() for k, v in data.tensors.items()}
-    if augment is not None:
-        batch = augment(batch)
-    stage = StageMemory(name=name, method="", device=str(device), precision="bf16 autocast" if bf16 else "fp32",
-                        micro_batch=micro, optimizer_name=cfg.optimizer, note=note,
-                        data=sum(t.numel() * t.element_size() for t in data.tensors.values()))
-
     with torch.device("meta"):
         method = build_method()
         extra = resident() if resident is not None else {}
-    stage.method = method.name
+    if stage_data is not None:
+        data = stage_data(data, method)
+    batch = {k: v[:micro].clone() for k, v in data.tensors.items()}
+    if augment is not None:
+        batch = augment(batch)
+    stage = StageMemory(name=name, method=method.name, device=str(device),
+                        precision="bf16 autocast" if bf16 else "fp32", micro_batch=micro,
+                        optimizer_name=cfg.optimizer, note=note,
+                        data=sum(t.numel() * t.element_size() for t in data.tensors.values()))
     networks = {**_networks(method), **extra}
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # tensors a method made at build time are taken as they are
     _to_fake([m for m in (method.teacher, method.student, *networks.values()) if m is not None], mode, compute)
@@ -357,7 +360,7 @@ def estimate_run(cfg: Any) -> list[StageMemory]:
 
         out.append(estimate_training(build, train_data, train, device=resolve_device(train.device), name=name,
                                      augment=lambda b: domain.augment(b, role), world_size=world_size,
-                                     resident=resident))
+                                     resident=resident, stage_data=domain.stage_data))
 
     if cfg.teacher.path is None and not domain.teacher_is_pretrained:
         estimate("teacher", cfg.teacher.method, METHODS.get(cfg.teacher.method).Config(), domain.build_teacher,

@@ -8,7 +8,8 @@ L_DM is the distribution matching surrogate of ``distribution_matching`` (real s
 teacher, optionally CFG-guided; fake score: a trainable copy of the teacher). The regression term
 anchors the generator to the teacher's PF-ODE on precomputed pairs (z_ref, y_ref): noise and the
 teacher's deterministic sample from it under that row's condition, built once with
-``add_ode_pairs`` and carried in the batch as ``ode_noise`` / ``ode_x``. d is a distance of
+``add_ode_pairs`` and carried in the batch as ``ode_noise`` / ``ode_x`` (``needs_ode_pairs`` asks the
+domain to attach them to the training data, ``Domain.stage_data``). d is a distance of
 ``consistency_family`` (DMD uses LPIPS, an image metric: pseudo-Huber is the domain-agnostic
 default here). Both networks update once per step, generator first (DMD alternates them 1:1).
 
@@ -100,6 +101,12 @@ class DMD(Method):
         self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
                                       guidance_range=guidance_range(self.name, config))
 
+    @property
+    def needs_ode_pairs(self) -> bool:
+        """Whether every batch must carry the teacher's ODE pairs (``PAIR_KEYS``): a domain that
+        can make them attaches them to the training data (``Domain.stage_data``; image-gen does)."""
+        return self.config.regression_weight > 0
+
     def trainable_modules(self):
         return {"student": self.student.model, "critic": self.critic}
 
@@ -122,8 +129,9 @@ class DMD(Method):
         """d(G(z_ref), y_ref) with G the student's first step from the pair's noise."""
         if set(PAIR_KEYS) - set(pairs):
             raise ValueError(f"{self.name}: regression_weight > 0 needs the teacher's ODE pairs in every batch "
-                             f"(keys {', '.join(PAIR_KEYS)}): build them with kdlib.methods.dmd.add_ode_pairs, "
-                             "or set method_args.regression_weight=0")
+                             f"(keys {', '.join(PAIR_KEYS)}): build them with kdlib.methods.dmd.add_ode_pairs "
+                             "(a domain attaches them in Domain.stage_data when the method's needs_ode_pairs is "
+                             "true), or set method_args.regression_weight=0")
         x_t, t = self.generator.start(pairs["ode_noise"])
         pred = self.student(x_t, t, **cond)
         return consistency_distance(pred, pairs["ode_x"], self.config.regression_distance, self.config.regression_c)
