@@ -3,8 +3,9 @@ and distribution matching / adversarial / reflow), distilled from the same shipp
 on the same data, with the same seeds, evaluated on the same noises and labels.
 
 Each recipe of ``RECIPES`` runs as its own ``kdlib distill image --recipe R`` (its own run
-folder under ``--runs-dir``, the recipe as shipped plus ``seeds``; only the first run evaluates the
-teacher at 50/10/4/2/1 steps, the others at 1 step, which is all the table reads from them). A
+folder under ``--runs-dir``, the recipe as shipped plus ``seeds``; only the first recipe's run
+evaluates the teacher at 50/10/4/2/1 steps, the others at 1 step: the table's teacher rows come
+from the run that evaluated the most step counts). A
 recipe whose run folder already holds ``results.json`` is not run again, and a run that was
 stopped resumes where it was (the Experiment skips finished stages, the Trainer resumes a stage's
 last checkpoint), so the table can be built in pieces. ``--jobs`` runs that many recipes at once,
@@ -145,10 +146,9 @@ def main() -> int:
     runs_dir = args.runs_dir.resolve()
     start = time.time()
     if not args.collect_only:
-        first = args.recipes[0]
-        run_recipe(first, extras.get(first, []), args.seeds, runs_dir, full_teacher=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda r: run_recipe(r, extras.get(r, []), args.seeds, runs_dir, False), args.recipes[1:]))
+            list(pool.map(lambda r: run_recipe(r, extras.get(r, []), args.seeds, runs_dir, r == args.recipes[0]),
+                          args.recipes))
     teacher, students, missing = [], [], []
     for recipe in args.recipes:
         path = runs_dir / recipe / "results.json"
