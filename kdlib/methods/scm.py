@@ -202,7 +202,10 @@ class SCMDistillation(Method):
         tangent_net = teacher.model
         if config.teacher_param != "trigflow":
             tangent_net = ReparameterisedNet(teacher.model, get_parameterisation(config.teacher_param), model.param)
-        self.weight = AdaptiveWeight() if config.adaptive_weight else None
+        # Built on the student's device, not moved there by every loss: torch cannot .to() the
+        # fake parameters the --dry-run estimator runs the loss on.
+        device = next(model.parameters()).device
+        self.weight = AdaptiveWeight().to(device) if config.adaptive_weight else None
         self.scm = SCM(model.net, tangent_net, SCMConfig(self.sigma_d, config.p_mean, config.p_std,
                                                          config.tangent_warmup, config.tangent_norm_c), self.weight)
         self.step = 0
@@ -222,6 +225,5 @@ class SCMDistillation(Method):
 
     def loss(self, batch, group):
         x0, cond = split_batch(batch)
-        self.scm.weight = self.weight.to(x0.device) if self.weight is not None else None
         loss, stats = self.scm.loss(x0, self.step, **cond)
         return loss, {"scm/mse": stats["mse"], "scm/tangent_norm": stats["tangent_norm"]}
