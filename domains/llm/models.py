@@ -245,7 +245,12 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32) -> Ca
         raise ValueError(f"{folder} is not a transformers model folder (no config.json)")
     config = AutoConfig.from_pretrained(folder)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if torch.get_default_device().type == "meta":
+            # Built under torch.device("meta") (the --dry-run estimator): shapes and dtypes only,
+            # which from_pretrained refuses to give (it wants to load the weights).
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except ValueError as exc:
         raise ValueError(f"{folder} is not a causal language model (model_type {config.model_type!r}, "
                          f"architectures {config.architectures}): {exc}") from None

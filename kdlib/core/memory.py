@@ -9,15 +9,19 @@ How the estimate is made, per stage of the run:
    FakeTensorMode: real dtypes, devices and dispatch, autocast included, and no memory); a
    tensor two networks share (a LoRA fake score on the teacher's weights) stays shared. Building
    under FakeTensorMode directly is not possible: torch cannot ``.to()`` fake parameters, which
-   Teacher does.
+   Teacher does (so neither may a loss). ``torch.func.jvp`` runs too (``_MetaMeansTheDevice``).
 3. One micro-batch (``batch_size / grad_accum / processes`` examples of the real data) runs the
-   method's loss for every parameter group, forward and backward, under the trainer's precision.
-   ``torch.autograd.graph.saved_tensors_hooks`` sees each tensor autograd keeps for the backward;
-   their storages, each counted once and the weights left out, are the group's activations
+   method's loss for every parameter group, forward and backward, under the trainer's precision,
+   at the run's first and at its last step (a loss may change with the step: a warm-up that
+   switches a term on, a second phase); the larger counts. ``torch.autograd.graph.saved_tensors_hooks``
+   sees each tensor autograd keeps for the backward; their storages, each counted once and the
+   weights left out (and forward AD's zero tangents, which hold none), are the group's activations
    (under bf16 autocast these include the bf16 copies of the weights the matmuls save).
-4. The trainer's own optimizers step once on the fake gradients: what they allocate is the
-   optimizer state (AdamW: exp_avg and exp_avg_sq, two per parameter at its dtype; SGD with
-   momentum: one; CPU-side step counters are not device memory and are not counted).
+4. The trainer's own optimizers step on the fake gradients: what they allocate is the optimizer
+   state (AdamW: exp_avg and exp_avg_sq, two per parameter at its dtype; SGD with momentum: one;
+   CPU-side step counters are not device memory and are not counted), for every trainable
+   parameter, also one this step's loss gives no gradient (a later phase's expert): over the run
+   each gets its state at its first update.
 
 The step's peak is then estimated as
 
@@ -52,9 +56,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
+    FakeTensor,
     FakeTensorMode,
     UnsupportedOperatorException,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from kdlib.core.data import TensorDataset
 from kdlib.core.method import Method
@@ -129,6 +136,8 @@ class _Storages:
 
     def add(self, t: torch.Tensor) -> int:
         """Count ``t``'s storage if new; returns the bytes it added."""
+        if t._is_zerotensor():  # forward AD's zero tangents hold no memory (their fakes would count)
+            return 0
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._skip or key in self._seen:
@@ -209,6 +218,39 @@ def _to_fake(roots: Iterable[nn.Module], mode: FakeTensorMode, device: torch.dev
                 setattr(module, name, fake(b))
 
 
+class _MetaMeansTheDevice(TorchDispatchMode):
+    """Inside a FakeTensorMode running a step on ``device``: the meta tensors that escape torch's
+    ZeroTensor kernels count as tensors on ``device``.
+
+    Forward-mode AD (``torch.func.jvp``, sCM's dF/dt) gives a parameter, which has no tangent, an
+    efficient zero tangent wherever a derivative formula needs one (LayerNorm's weight and bias).
+    torch's ZeroTensor kernels work on meta copies of their inputs, and under FakeTensorMode some
+    of that leaks out (pytorch#185718, #186160): a view of a zero tangent comes back as a plain
+    meta tensor, and a binary op with one picks meta as its output device, so the next op fails
+    with a meta/CPU device mismatch. A step on fakes never computes on meta, so here plain meta
+    inputs become fakes on ``device``, and a zero tensor or copy asked for on meta is made on
+    ``device`` (shapes and dtypes unchanged; ZeroTensor kernels' own ``.to("meta")`` is left alone).
+    """
+
+    _MOVED = (torch.ops.aten._efficientzerotensor.default, torch.ops.aten._to_copy.default)
+
+    def __init__(self, mode: FakeTensorMode, device: torch.device):
+        super().__init__()
+        self.mode, self.device = mode, device
+
+    def _adopt(self, t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type == "meta":
+            return self.mode.fake_tensor_converter.from_meta_and_device(self.mode, t, self.device)
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._MOVED and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
+            kwargs = {**kwargs, "device": self.device}
+        args, kwargs = tree_map(self._adopt, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 def _step_temporaries(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> int:
     """Bytes an optimizer step allocates and frees. torch's default is the foreach path on CUDA,
     the per-parameter loop elsewhere: foreach AdamW holds sqrt(exp_avg_sq) of every parameter at
@@ -273,29 +315,49 @@ def estimate_training(
     joint = {g2 for g in modules for g2 in method.trained_with(g)}
     autocast = (lambda: torch.autocast(compute.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
-    with mode:
+    with mode, _MetaMeansTheDevice(mode, compute):
         fake_batch = {k: mode.from_tensor(v).to(compute) for k, v in batch.items()}
-        method.update_groups(0)  # methods that follow the step (schedules, curricula) set it here
-        for group in (g for g in modules if g not in joint):
-            updated = [group, *method.trained_with(group)]
-            for g in updated:
-                optimizers[g].zero_grad(set_to_none=True)
-            try:
-                with saved_tensor_bytes(exclude=weights) as saved, autocast():
-                    loss, _ = method.loss(fake_batch, group)
-                stage.activations[group] = saved()
-                loss.backward()
-            except FAKE_ERRORS as exc:
-                stage.unmeasured[group] = _where(exc)
-                for p in (p for g in updated for p in modules[g].parameters() if p.requires_grad):
-                    p.grad = torch.zeros_like(p)  # the gradients the backward would have made
-            for g in updated:
-                optimizers[g].step()
-            stage.step_temporaries[group] = sum(
-                _step_temporaries([p for p in modules[g].parameters() if p.requires_grad], cfg, device) for g in updated
-            )
+        # A loss can change with the step (a warm-up that switches a term on, a second phase):
+        # each group's activations are the larger of its first and its last step's.
+        for step in sorted({0, max(cfg.steps - 1, 0)}):
+            method.update_groups(step)  # methods that follow the step (schedules, curricula) set it here
+            for group in (g for g in modules if g not in joint):
+                _estimate_group(stage, method, group, fake_batch, modules, optimizers, weights, autocast, cfg, device)
         stage.networks = _network_rows(networks, optimizers, modules, compute)
     return stage
+
+
+def _estimate_group(stage: StageMemory, method: Method, group: str, batch: dict[str, torch.Tensor],
+                    modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    weights: list[torch.Tensor], autocast: Callable, cfg: TrainConfig, device: torch.device) -> None:
+    """One update of ``group`` (and the groups trained with it) on fake ``batch``: its loss's
+    saved tensors (the larger of this and an earlier step's), backward, optimizer steps."""
+    updated = [group, *method.trained_with(group)]
+    for g in updated:
+        optimizers[g].zero_grad(set_to_none=True)
+    try:
+        with saved_tensor_bytes(exclude=weights) as saved, autocast():
+            loss, _ = method.loss(batch, group)
+        stage.activations[group] = max(stage.activations.get(group, 0), saved())
+        loss.backward()
+    except FAKE_ERRORS as exc:
+        stage.unmeasured.setdefault(group, _where(exc))
+        for p in (p for g in updated for p in modules[g].parameters() if p.requires_grad):
+            p.grad = torch.zeros_like(p)  # the gradients the backward would have made
+    for g in updated:
+        params = [p for p in modules[g].parameters() if p.requires_grad]
+        # Every trainable parameter gets its optimizer state at its first update, whichever step
+        # that is (a phase's expert, a term that starts later): zero gradients for the ones this
+        # loss left out make the optimizer allocate it, and are taken back after the step.
+        idle = [p for p in params if p.grad is None]
+        for p in idle:
+            p.grad = torch.zeros_like(p)
+        optimizers[g].step()
+        for p in idle:
+            p.grad = None
+    stage.step_temporaries[group] = sum(
+        _step_temporaries([p for p in modules[g].parameters() if p.requires_grad], cfg, device) for g in updated
+    )
 
 
 # What a loss that needs tensor values (float(t), t.item(), t.nonzero()) raises on fake tensors.
@@ -303,8 +365,10 @@ FAKE_ERRORS = (DataDependentOutputException, DynamicOutputShapeException, Unsupp
 
 
 def _where(exc: Exception) -> str:
-    """``file.py:line`` of the innermost frame outside torch: the line that needs values."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    """``file.py:line`` of the innermost frame outside torch and this module (whose dispatch mode
+    sees every op): the line that needs values."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
     frame = frames[-1] if frames else traceback.extract_tb(exc.__traceback__)[-1]
     return f"{Path(frame.filename).name}:{frame.lineno}"
 
@@ -345,31 +409,40 @@ def estimate_run(cfg: Any) -> list[StageMemory]:
     from kdlib.core.stages import student_stages
     from kdlib.core.trainer import resolve_device
 
-    domain = DOMAINS.get(cfg.domain)(cfg.data, cfg.model)
+    def new_domain():
+        return DOMAINS.get(cfg.domain)(cfg.data, cfg.model)
+
+    domain = new_domain()
     train_data = domain.datasets()["train"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out = []
 
-    def teacher():
-        return Teacher(domain.build_teacher(), device="meta", dtype=DTYPES[cfg.teacher.dtype])
+    def estimate(name, method_name, method_cfg, role, with_teacher, train, resident_teacher=False):
+        # Each stage builds its networks from a domain of its own: a domain may keep what it built
+        # (the llm domain's loaded teacher, which its students are cut from), and the estimate
+        # turns a stage's networks into fakes in place, which a later build could not .to() again.
+        nets = new_domain()
 
-    def estimate(name, method_name, method_cfg, build_student, with_teacher, train, role, resident=None):
+        def teacher():
+            return Teacher(nets.build_teacher(), device="meta", dtype=DTYPES[cfg.teacher.dtype])
+
         def build():
-            student = Student(build_student(), ema_decays=train.ema_decays)
+            student = Student(nets.build_teacher() if role == "teacher" else nets.build_student(),
+                              ema_decays=train.ema_decays)
             return METHODS.get(method_name)(method_cfg, student, teacher() if with_teacher else None)
 
+        # Experiment.run keeps the teacher on the device for every student stage, baseline included.
+        resident = (lambda: {"teacher (kept, unused)": teacher().model}) if resident_teacher else None
         out.append(estimate_training(build, train_data, train, device=resolve_device(train.device), name=name,
                                      augment=lambda b: domain.augment(b, role), world_size=world_size,
                                      resident=resident, stage_data=domain.stage_data))
 
     if cfg.teacher.path is None and not domain.teacher_is_pretrained:
-        estimate("teacher", cfg.teacher.method, METHODS.get(cfg.teacher.method).Config(), domain.build_teacher,
-                 False, cfg.teacher.train, "teacher")
+        estimate("teacher", cfg.teacher.method, METHODS.get(cfg.teacher.method).Config(), "teacher", False,
+                 cfg.teacher.train)
     for plan in student_stages(cfg):
-        # Experiment.run keeps the teacher on the device for every student stage, baseline included.
-        estimate(f"seed{cfg.seeds[0]}-{plan.name}", plan.method, plan.method_args, domain.build_student,
-                 plan.with_teacher, plan.train, "student",
-                 resident=None if plan.with_teacher else lambda: {"teacher (kept, unused)": teacher().model})
+        estimate(f"seed{cfg.seeds[0]}-{plan.name}", plan.method, plan.method_args, "student", plan.with_teacher,
+                 plan.train, resident_teacher=not plan.with_teacher)
     return out
 
 

@@ -222,7 +222,8 @@ class DiscreteVP(VP):
         # (1−f)·a + f·b form is exact at both knots.
         i = k.detach().floor().clamp(0, self.num_steps - 2).long()
         f = k - i
-        log_a2 = (1 - f) * log_ac[i] + f * log_ac[i + 1]
+        # torch.take, not log_ac[i]: a 0-dim index would be read on the host (a sync; no value on fakes).
+        log_a2 = (1 - f) * torch.take(log_ac, i) + f * torch.take(log_ac, i + 1)
         return torch.exp(0.5 * log_a2).to(t.dtype), torch.sqrt(-torch.expm1(log_a2)).to(t.dtype)
 
     def time_from_ratio(self, r):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from kdlib.diffusion.consistency import segment_edges
 from kdlib.diffusion.param import Parameterisation
@@ -70,15 +71,27 @@ class PhaseExperts(nn.Module):
         when the caller knows it (a trainer at one sampler step): no routing, no host sync."""
         if phase is not None:
             return self.experts[phase](x, t, **cond)
+        if is_fake(t):
+            # The --dry-run estimator's fake tensors have no times to route by. The batch is split
+            # evenly among the experts instead: the routed forward's gathers, scatters and rows
+            # (which add up to the batch whatever the times), and every expert gets gradients.
+            ends = [j * x.shape[0] // len(self.experts) for j in range(len(self.experts) + 1)]
+            return self._routed(x, t, cond, [(j, torch.arange(lo, hi, device=x.device))
+                                             for j, (lo, hi) in enumerate(zip(ends, ends[1:])) if hi > lo])
         phase = self.phase(t)
         low, high = phase.aminmax()
         if low == high:  # the usual case (a batch at one sampler step): no gather/scatter
             return self.experts[int(low)](x, t, **cond)
+        return self._routed(x, t, cond, [(j, (phase == j).nonzero()[:, 0]) for j in phase.unique().tolist()])
+
+    def _routed(self, x: torch.Tensor, t: torch.Tensor, cond: dict,
+                routes: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Expert j on the rows [n_j] of x [B, ...] and t [B] for each (j, rows) of ``routes``
+        (disjoint rows covering the batch), scattered back into one output [B, ...]."""
         out = None
-        for k in phase.unique().tolist():
-            rows = (phase == k).nonzero()[:, 0]
+        for j, rows in routes:
             part = {n: v[rows] if torch.is_tensor(v) else v for n, v in cond.items()}
-            y = self.experts[k](x[rows], t[rows], **part)
+            y = self.experts[j](x[rows], t[rows], **part)
             out = y.new_zeros(x.shape[0], *y.shape[1:]) if out is None else out
             out = out.index_copy(0, rows, y)  # out of place: autograd reaches every expert used
         return out

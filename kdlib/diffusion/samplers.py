@@ -44,26 +44,32 @@ def make_denoiser(net, param: Parameterisation, cond: dict[str, torch.Tensor] | 
     return denoise
 
 
-def _scalars(param: Parameterisation, t: torch.Tensor, x: torch.Tensor):
-    """α, σ at a scalar time as Python floats (times are kept in float64)."""
-    alpha, sigma = param.alpha_sigma(t.to(torch.float64))
-    return float(alpha), float(sigma)
+def _alpha_sigma(param: Parameterisation, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """α, σ [] (float64) at a scalar time t []. The schedule stays in 0-dim tensors, never read
+    into Python floats: no host sync per step on a GPU, and the --dry-run estimator's fake tensors
+    have no values to read. As the second operand of a product with a state (``x * c``), a 0-dim
+    tensor c gives exactly the numbers the Python float gave: the result keeps the state's dtype,
+    and the CPU kernels take c as the same scalar (as the first operand, bf16 kernels would round
+    it to bf16 first)."""
+    return param.alpha_sigma(t.to(torch.float64))
 
 
 def _time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+    """The scalar time t [] as the network's time input [B], in x's dtype and on its device."""
+    return t.to(device=x.device, dtype=x.dtype).repeat(x.shape[0])
 
 
 def _slope(param: Parameterisation, denoise: Denoise, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """dx/dt [B, ...] of the PF-ODE at (x [B, ...], scalar t [])."""
     x0, eps = denoise(x, _time(t, x))
     d_alpha, d_sigma = param.alpha_sigma_dt(t.to(torch.float64).reshape(1))
-    return float(d_alpha) * x0 + float(d_sigma) * eps
+    return x0 * d_alpha[0] + eps * d_sigma[0]
 
 
 @torch.no_grad()
 def euler(denoise: Denoise, param: Parameterisation, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     for t, s in zip(times[:-1], times[1:]):
-        x = x + float(s - t) * _slope(param, denoise, x, t)
+        x = x + _slope(param, denoise, x, t) * (s - t)
     return x
 
 
@@ -71,8 +77,8 @@ def euler(denoise: Denoise, param: Parameterisation, x: torch.Tensor, times: tor
 def heun(denoise: Denoise, param: Parameterisation, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     for t, s in zip(times[:-1], times[1:]):
         d = _slope(param, denoise, x, t)
-        x_euler = x + float(s - t) * d
-        x = x + float(s - t) * 0.5 * (d + _slope(param, denoise, x_euler, s))
+        x_euler = x + d * (s - t)
+        x = x + (d + _slope(param, denoise, x_euler, s)) * ((s - t) * 0.5)
     return x
 
 
@@ -109,18 +115,20 @@ def dpm_solver_2m(denoise: Denoise, param: Parameterisation, x: torch.Tensor, ti
     x0_prev, h_prev = None, None
     for t, s in zip(times[:-1], times[1:]):
         x0, _ = denoise(x, _time(t, x))
-        a_t, s_t = _scalars(param, t, x)
-        a_s, s_s = _scalars(param, s, x)
-        lam_t = torch.log(torch.tensor(a_t / s_t, dtype=torch.float64))
-        lam_s = torch.log(torch.tensor(a_s / s_s if s_s > 0 else float("inf"), dtype=torch.float64))
-        h = float(lam_s - lam_t)
+        a_t, s_t = _alpha_sigma(param, t)
+        a_s, s_s = _alpha_sigma(param, s)
+        # λ = log(α/σ): −inf at pure noise where α = 0 (fm, TrigFlow), +inf at σ = 0 (the last step).
+        lam_t, lam_s = torch.log(a_t / s_t), torch.log(a_s / s_s)
+        h = lam_s - lam_t
         d = x0
-        # Second order only between two finite steps (first and last steps are first order).
-        if x0_prev is not None and h_prev is not None and abs(h) != float("inf") and abs(h_prev) != float("inf"):
+        if x0_prev is not None:
+            # Second order only between two finite steps (first and last steps are first order),
+            # chosen by torch.where rather than by reading h: the first-order case is c = 0.
             r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            c = torch.where(torch.isfinite(h) & torch.isfinite(h_prev), 1 / (2 * r), 0.0)
+            d = x0 * (1 + c) - x0_prev * c
         ratio = s_s / s_t
-        x = ratio * x - a_s * float(torch.expm1(torch.tensor(-h, dtype=torch.float64))) * d
+        x = x * ratio - d * (a_s * torch.expm1(-h))
         x0_prev, h_prev = x0, h
     return x
 
@@ -140,7 +148,7 @@ def sample(net, param: Parameterisation, noise: torch.Tensor, steps: int, sample
         raise ValueError(f"steps must be >= 1, got {steps}")
     denoise = make_denoiser(net, param, cond, guidance)
     times = param.timesteps(steps, device=noise.device)
-    x = _scalars(param, times[0], noise)[1] * noise
+    x = noise * _alpha_sigma(param, times[0])[1]
     if sampler == "euler":
         return euler(denoise, param, x, times)
     if sampler == "heun":

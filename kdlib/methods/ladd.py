@@ -26,6 +26,7 @@ for ``real: teacher``); other keys are the condition.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,9 @@ class LADD(Method):
         """(x̂0 [B, ...] with its graph when grad is on, the real states when they were needed):
         the real states feed the student only at a step i > 0 without backward simulation, and
         teacher samples are not drawn unless they are used."""
-        index = int(torch.randint(len(self.generator.times), ()))
+        # A host-side draw, as FewStepGenerator.sample's (Python's random, saved with every
+        # checkpoint's RNG state): int(torch.randint(...)) has no value under the --dry-run fakes.
+        index = random.randrange(len(self.generator.times))
         real = None
         if index > 0 and not self.config.backward_simulation:
             real = self.disc.real_samples(x, cond, pairs)

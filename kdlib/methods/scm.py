@@ -207,7 +207,8 @@ class SCMDistillation(Method):
         tangent_net = teacher.model
         if config.teacher_param != "trigflow":
             tangent_net = ReparameterisedNet(teacher.model, get_parameterisation(config.teacher_param), model.param)
-        # On the student's device from the start: under torchrun it is a DDP-wrapped group.
+        # On the student's device from the start: under torchrun it is a DDP-wrapped group, and
+        # torch cannot .to() the fake parameters the --dry-run estimator runs the loss on.
         device = next(model.parameters()).device
         self.weight = AdaptiveWeight().to(device) if config.adaptive_weight else None
         self.scm = SCM(model.net, tangent_net, SCMConfig(self.sigma_d, config.p_mean, config.p_std,

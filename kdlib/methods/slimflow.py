@@ -87,11 +87,21 @@ class GuideSnapshot(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model)
         self.register_buffer("taken", torch.zeros((), dtype=torch.long))
+        # ``taken`` on the host, for the step loop: reading the buffer there would cost a device
+        # sync per step, and has no value under the --dry-run estimator's fake tensors. Set by
+        # ``take`` and, on resume, from the loaded buffer.
+        self.is_taken = False
+        self.register_load_state_dict_post_hook(GuideSnapshot._loaded)
+
+    @staticmethod
+    def _loaded(module: GuideSnapshot, _incompatible_keys) -> None:
+        module.is_taken = bool(module.taken)
 
     @torch.no_grad()
     def take(self, model: nn.Module) -> None:
         self.model.load_state_dict(model.state_dict())
         self.taken.fill_(1)
+        self.is_taken = True
 
     def train(self, mode: bool = True) -> GuideSnapshot:
         self.training = False
@@ -135,7 +145,7 @@ class SlimFlow(Reflow):
         return {"student": self.student.model, "slimflow_guide": self.guide}
 
     def update_groups(self, step: int) -> list[str]:
-        if step >= self.config.reflow_steps and not int(self.guide.taken):
+        if step >= self.config.reflow_steps and not self.guide.is_taken:
             self.guide.take(self.student.model)
         return super().update_groups(step)
 

@@ -61,7 +61,9 @@ class TBCM(ConsistencyFamily):
         """The teacher's DDIM trajectory from pure noise: [N + 1, B, ...], index i at time grid[i]
         (ascending, so index N is the noise). like: [B, ...], only its shape, device and dtype."""
         b = like.shape[0]
-        x = float(self.param.alpha_sigma(grid[-1])[1]) * torch.randn_like(like)
+        # σ(t_max) stays a 0-dim tensor, second in the product (the numbers a Python float gave):
+        # no host sync, and no value to read from the --dry-run estimator's fake tensors.
+        x = torch.randn_like(like) * self.param.alpha_sigma(grid[-1])[1]
         states = [x]
         for i in range(len(grid) - 1, 0, -1):
             x = solver_step(self.teacher, self.param, x, grid[i].expand(b), grid[i - 1].expand(b), cond,

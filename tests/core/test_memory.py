@@ -15,6 +15,8 @@ from kdlib.core.models import Student, Teacher
 from kdlib.core.run_config import TrainConfig
 from kdlib.diffusion.consistency import ConsistencyModel
 from kdlib.diffusion.param import get_parameterisation
+from kdlib.diffusion.reparam import ReparameterisedNet
+from kdlib.nn.dit import DiT, DiTConfig
 
 SHAPE = (1, 8, 8)
 
@@ -68,6 +70,25 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def real_saved_bytes(method, batch, group: str) -> int:
+    """The bytes a real CPU forward of ``group``'s loss saves for backward (each storage once, by
+    address; the networks' weights and forward AD's zero tangents, which hold none, left out);
+    then its backward."""
+    nets = [m for m in (method.teacher, method.student, *method.trainable_modules().values()) if m is not None]
+    weights = {t.untyped_storage().data_ptr() for m in nets for t in (*m.parameters(), *m.buffers())}
+    saved = {}
+
+    def pack(t):
+        if not t._is_zerotensor() and t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = method.loss(batch, group)
+    loss.backward()
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_param_grad_and_optimizer_bytes_are_exact(tmp_path, optimizer):
     """The estimate's rows equal what a real CPU training step allocates, to the byte: teacher
@@ -110,21 +131,7 @@ def test_activations_within_20_percent_of_the_saved_tensors(batch_size):
 
     torch.manual_seed(0)
     method = cd_builder(64, 3, [], device="cpu")()
-    weights = {t.untyped_storage().data_ptr() for m in (method.teacher, method.student)
-               for t in (*m.parameters(), *m.buffers())}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    batch = {k: v[:batch_size] for k, v in data.tensors.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = method.loss(batch, "student")
-    loss.backward()
-    real = sum(saved.values())
+    real = real_saved_bytes(method, {k: v[:batch_size] for k, v in data.tensors.items()}, "student")
     assert real > 0
     assert abs(est.activations["student"] - real) <= 0.2 * real, (est.activations, real)
 
@@ -217,3 +224,81 @@ def test_a_loss_that_reads_tensor_values_is_reported_not_fatal():
     assert "test_memory.py" in est.unmeasured["student"] and "student" not in est.activations
     (row,) = est.networks
     assert row.grads == row.weights == (8 * 4 + 4) * 4 and row.optimizer >= 2 * row.weights
+
+
+# -- forward AD (sCM's torch.func.jvp), step-dependent losses, later-trained parameters ----------
+def small_dit() -> DiT:
+    net = DiT(DiTConfig(in_channels=1, patch_size=2, hidden=32, depth=2, heads=2, num_classes=10))
+    net.parameterisation = "fm"
+    return net
+
+
+NETS = {"mlp": lambda: denoiser(64, 3), "dit": small_dit}
+
+
+def scm_builder(method: str, net: str, device: str | None = None, **args):
+    """sCM-family distillation of a flow-matching teacher into a TrigFlow student that starts as
+    it (the image domain's ``student_param: trigflow``), dF/dt by torch.func.jvp."""
+
+    def build():
+        teacher = Teacher(NETS[net](), device=device or "meta")
+        trig = get_parameterisation("trigflow")
+        student = Student(ConsistencyModel(ReparameterisedNet(NETS[net](), get_parameterisation("fm"), trig), trig))
+        if device:
+            student = student.to(device)
+        cls = METHODS.get(method)
+        return cls(cls.Config(teacher_param="fm", **args), student, teacher)
+
+    return build
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_jvp_losses_within_20_percent_of_the_saved_tensors(net):
+    """sCM's loss runs torch.func.jvp: through LayerNorm (whose weight gets a zero tangent, which
+    torch's ZeroTensor kernels leak onto the meta device under FakeTensorMode) and through kdlib
+    attention's JVP (the DiT). It is estimated, and the estimate is what a real CPU step saves."""
+    cfg, data = train_cfg(batch_size=32), digits_like(64)
+    est = estimate_training(scm_builder("scm", net), data, cfg)
+    assert not est.unmeasured
+    torch.manual_seed(0)
+    method = scm_builder("scm", net, device="cpu")()
+    method.update_groups(0)
+    real = real_saved_bytes(method, {k: v[:32] for k, v in data.tensors.items()}, "student")
+    assert abs(est.activations["student"] - real) <= 0.2 * real, (est.activations, real)
+    rows = {n.name: n for n in est.networks}
+    assert rows["scm_weight"].optimizer > 0  # sCM's adaptive weight, trained with the student
+
+
+def test_a_term_that_starts_later_is_counted():
+    """rCM adds its distribution-matching term after the tangent warm-up: a run that gets there
+    is estimated at its last step too, and the estimate is what a real step there saves."""
+    data, args = digits_like(64), dict(tangent_warmup=4, adaptive_weight=False)
+    before = estimate_training(scm_builder("rcm", "mlp", **args), data, train_cfg(batch_size=32, steps=1))
+    after = estimate_training(scm_builder("rcm", "mlp", **args), data, train_cfg(batch_size=32, steps=10))
+    torch.manual_seed(0)
+    method = scm_builder("rcm", "mlp", device="cpu", **args)()
+    method.update_groups(9)
+    real = real_saved_bytes(method, {k: v[:32] for k, v in data.tensors.items()}, "student")
+    assert before.activations["student"] < 0.9 * real
+    assert abs(after.activations["student"] - real) <= 0.2 * real, (after.activations, real)
+
+
+def test_every_trainable_parameter_gets_its_optimizer_state():
+    """A loss that trains one expert per step (a phase's) gives the others no gradient; over the
+    run each gets its AdamW state all the same, and that is counted. Gradients: this step's."""
+    from kdlib.core.method import Method
+
+    class OneExpert(Method):
+        needs_teacher = False
+
+        def loss(self, batch, group):
+            return self.student.model["a"](batch["x"]).pow(2).mean(), {}
+
+    def build():
+        experts = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "b": torch.nn.Linear(8, 8)})
+        return OneExpert(None, Student(experts), None)
+
+    est = estimate_training(build, TensorDataset(x=torch.randn(32, 8)), train_cfg())
+    (row,) = est.networks
+    assert row.weights == 2 * (8 * 8 + 8) * 4 and row.grads == row.weights // 2
+    assert row.optimizer >= 2 * row.weights

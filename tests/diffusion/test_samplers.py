@@ -108,3 +108,77 @@ def test_classifier_free_guidance(seeded):
     dropped = drop_condition(cond, 1.0)["y"]
     assert torch.all(dropped == -1)
     assert torch.equal(drop_condition(cond, 0.0)["y"], cond["y"])
+
+
+# -- the schedule kept in tensors (no host reads) -------------------------------------------------
+def _host_float_sample(net, param, noise, steps, sampler, generator=None):
+    """The samplers as they were before the schedule moved into 0-dim tensors: every α, σ, time
+    and step size read into a Python float (a host sync per step on a GPU; no value on fakes)."""
+    denoise = samplers.make_denoiser(net, param)
+    times = param.timesteps(steps, device=noise.device)
+
+    def scalars(t):
+        alpha, sigma = param.alpha_sigma(t.to(torch.float64))
+        return float(alpha), float(sigma)
+
+    def time(t, x):
+        return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+
+    def slope(x, t):
+        x0, eps = denoise(x, time(t, x))
+        d_alpha, d_sigma = param.alpha_sigma_dt(t.to(torch.float64).reshape(1))
+        return float(d_alpha) * x0 + float(d_sigma) * eps
+
+    x = scalars(times[0])[1] * noise
+    x0_prev, h_prev = None, None
+    for t, s in zip(times[:-1], times[1:]):
+        if sampler == "euler":
+            x = x + float(s - t) * slope(x, t)
+        elif sampler == "heun":
+            d = slope(x, t)
+            x = x + float(s - t) * 0.5 * (d + slope(x + float(s - t) * d, s))
+        elif sampler == "dpm++2m":
+            x0, _ = denoise(x, time(t, x))
+            (a_t, s_t), (a_s, s_s) = scalars(t), scalars(s)
+            lam_t = torch.log(torch.tensor(a_t / s_t, dtype=torch.float64))
+            lam_s = torch.log(torch.tensor(a_s / s_s if s_s > 0 else float("inf"), dtype=torch.float64))
+            h = float(lam_s - lam_t)
+            d = x0
+            if x0_prev is not None and abs(h) != float("inf") and abs(h_prev) != float("inf"):
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_s / s_t) * x - a_s * float(torch.expm1(torch.tensor(-h, dtype=torch.float64))) * d
+            x0_prev, h_prev = x0, h
+        else:
+            x0, eps = denoise(x, time(t, x))
+            x = samplers.ddim_step(param, x0, eps, t, s, eta=1.0 if sampler == "sde" else 0.0, generator=generator)
+    return x
+
+
+@pytest.mark.parametrize("name", ["fm", "trigflow", "edm", "vp-v", "ddpm-eps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_samplers_give_the_numbers_of_the_host_float_schedule(name, dtype):
+    """Bit for bit, every sampler, in every dtype (bf16 too: the 0-dim factors come second in
+    each product, where the CPU kernels take them as the same scalar a Python float was)."""
+    param = get_parameterisation(name)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for sampler in samplers.SAMPLERS:
+        for steps in (1, 2, 7):
+            want = _host_float_sample(exact_net(param), param, noise, steps, sampler,
+                                      generator=torch.Generator().manual_seed(1))
+            got = samplers.sample(exact_net(param), param, noise, steps, sampler,
+                                  generator=torch.Generator().manual_seed(1))
+            assert torch.equal(got, want), (sampler, steps)
+
+
+@pytest.mark.parametrize("name", ["fm", "trigflow", "edm", "vp-v", "ddpm-eps"])
+def test_samplers_read_no_tensor_values(name):
+    """Under FakeTensorMode (the --dry-run estimator's tensors) any read of a value raises: every
+    sampler, and the discrete DDPM schedule's table lookup, must run without one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    param = get_parameterisation(name)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the DDPM table is a real tensor built earlier
+        noise = torch.randn(4, 3)
+        for sampler in samplers.SAMPLERS:
+            assert samplers.sample(exact_net(param), param, noise, 3, sampler).shape == (4, 3)

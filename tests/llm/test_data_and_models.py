@@ -90,6 +90,20 @@ def test_layer_student_is_cut_from_the_teacher_and_round_trips(tmp_path, tiny_te
     assert student(x, output="hidden").shape == (2, 5, 48)
 
 
+def test_under_the_meta_device_a_model_is_built_with_shapes_only(tiny_teacher_folder):
+    """The --dry-run estimator builds networks under torch.device("meta"), where from_pretrained
+    refuses to run: the folder's architecture comes from its config, at the same shapes and dtypes,
+    and a student cut from it is too."""
+    real = load_causal_lm(tiny_teacher_folder)
+    with torch.device("meta"):
+        meta = load_causal_lm(tiny_teacher_folder)
+        student = student_from_teacher(meta, every=2)
+    shapes = {k: (v.shape, v.dtype) for k, v in real.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()} == shapes
+    assert all(p.is_meta for p in (*meta.parameters(), *student.parameters()))
+    assert meta.vocab_size == real.vocab_size and student.lm.config.num_hidden_layers == 2
+
+
 def test_domain_end_to_end_on_a_tiny_teacher(tmp_path, tiny_teacher_folder, monkeypatch):
     """kdlib's Experiment on the llm domain with user text files and the teacher cache, a few steps."""
     from kdlib.core.experiment import Experiment, create_run_dir

@@ -89,6 +89,24 @@ def test_mixed_batches_run_each_sample_through_its_own_expert():
     torch.testing.assert_close(net(x[2:4], t[2:4], phase=1, y=y[2:4]), out[2:4], rtol=0, atol=0)
 
 
+def test_without_time_values_the_batch_is_split_evenly_among_the_experts():
+    """Fake tensors (the --dry-run estimator's) have no times to route by: the batch goes to the
+    experts in equal slices, so every expert runs (and gets gradients) on rows adding up to the
+    batch, the routed forward's memory. Real tensors are still routed by their times."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    experts = [TinyNet() for _ in range(3)]
+    net = PhaseExperts.for_segments(experts, FM)
+    calls = []
+    for e in experts:
+        e.register_forward_hook(lambda module, args, out: calls.append((experts.index(module), args[0].shape[0])))
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the experts' weights stay real here
+        out = net(torch.randn(7, 4), torch.rand(7), y=torch.zeros(7, dtype=torch.long))
+        out.sum().backward()
+    assert out.shape == (7, 4) and calls == [(0, 2), (1, 2), (2, 3)]
+    assert all(p.grad is not None for e in experts for p in e.parameters())
+
+
 @pytest.mark.parametrize("phase_time", ["teacher", "uniform"])
 @pytest.mark.parametrize("score_range", ["phase", "above"])
 def test_noise_levels_of_phase_k_lie_in_its_subinterval(score_range, phase_time):
