@@ -50,6 +50,7 @@ RECIPES: list[tuple[str, str, list[str]]] = [
     ("mnist-dmd", "distribution matching", []),
     ("mnist-dmd2", "distribution matching", []),
     ("mnist-dmd2-1step", "distribution matching", []),
+    ("mnist-decoupled-dmd", "distribution matching", []),
     ("mnist-vsd", "distribution matching", []),
     ("mnist-rcm", "distribution matching", []),
     ("mnist-phased-dmd", "distribution matching", []),
