@@ -58,6 +58,7 @@ RECIPES: list[tuple[str, str, list[str]]] = [
     ("mnist-scm-ladd", "adversarial", []),
     ("mnist-reflow", "reflow", []),
     ("mnist-slimflow", "reflow", []),
+    ("mnist-reflow-dmd2", "multi-stage", []),
 ]
 FAMILY = {name: family for name, family, _ in RECIPES}
 STEPS = (1, 2, 4)

@@ -31,7 +31,7 @@ def test_every_listed_recipe_is_shipped():
     table = _table()
     for recipe, family, _ in table.RECIPES:
         assert (table.RECIPE_DIR / f"{recipe}.yaml").exists(), recipe
-        assert family in ("consistency", "distribution matching", "adversarial", "reflow")
+        assert family in ("consistency", "distribution matching", "adversarial", "reflow", "multi-stage")
 
 
 def test_collect_builds_rows_from_results_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
