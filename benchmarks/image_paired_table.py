@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -174,7 +173,6 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "seeds": args.seeds, "jobs": args.jobs, "wall_s": round(time.time() - start),
         "teacher": teacher, "students": students, "missing": missing,
-        "median_student_fd_1step": statistics.median([r["fd_digits"] for r in students if r["steps"] == 1] or [0]),
     }, indent=1))
     return 0
 

@@ -32,6 +32,7 @@ from kdlib.core.checkpoint import load_weights
 from kdlib.core.data import TensorDataset
 from kdlib.core.domain import Domain, register_domain
 from kdlib.core.method import Method
+from kdlib.core.models import cast_floating
 from kdlib.diffusion.consistency import ConsistencyModel, few_step_sample
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.diffusion.phase_experts import PhaseExperts
@@ -322,8 +323,8 @@ def low_precision_caller(model: torch.nn.Module, dtype: torch.dtype):
     low = weight.dtype
 
     def call(*args, **kwargs):
-        cast = lambda v: v.to(low) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
-        return model(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()}).to(dtype)
+        args = [cast_floating(a, low) for a in args]
+        return model(*args, **{k: cast_floating(v, low) for k, v in kwargs.items()}).to(dtype)
 
     return call
 

@@ -21,15 +21,12 @@ are written under a temporary name and renamed (atomic).
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
+from kdlib.core.cache import cache_dir, load_keyed, save_keyed
 from kdlib.core.data import TensorDataset
 from kdlib.core.models import Teacher
 from kdlib.core.teacher_cache import fingerprint
@@ -37,10 +34,6 @@ from kdlib.diffusion.param import Parameterisation
 from kdlib.methods.dmd import PAIR_KEYS, add_ode_pairs
 
 FORMAT = "image-gen-ode-pairs/1"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KDLIB_CACHE_DIR", Path.home() / ".cache" / "kdlib"))
 
 
 def pair_rows(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -109,7 +102,7 @@ def ode_pairs(train: TensorDataset, teacher: Teacher, param: Parameterisation, *
     made = add_ode_pairs(subset, teacher, param, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                          batch_size=batch_size).tensors
     pairs = {"rows": rows, **{k: made[k].float().cpu().contiguous() for k in PAIR_KEYS}}
-    _save(path, pairs, key)
+    save_keyed(path, pairs, key)
     return pairs
 
 
@@ -128,28 +121,10 @@ def placeholder_pairs(train: TensorDataset) -> TensorDataset:
 
 
 def _load(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            found = json.loads((f.metadata() or {}).get("key", "{}"))
-        if found != key:
-            changed = sorted(k for k in set(found) | set(key) if found.get(k) != key.get(k))
-            warnings.warn(f"ODE pair cache {path} is stale ({', '.join(changed)} changed); recomputing it",
-                          stacklevel=3)
-            return None
-        pairs = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
-        warnings.warn(f"ODE pair cache {path} is unreadable ({exc}); recomputing it", stacklevel=3)
+    pairs = load_keyed(path, key, what="ODE pair cache")
+    if pairs is None:
         return None
     if set(pairs) != {"rows", *PAIR_KEYS} or not len(pairs["rows"]) == len(pairs["ode_noise"]) == len(pairs["ode_x"]):
         warnings.warn(f"ODE pair cache {path} does not hold a pair set; recomputing it", stacklevel=3)
         return None
     return pairs
-
-
-def _save(path: Path, pairs: dict[str, torch.Tensor], key: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(pairs, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    tmp.replace(path)

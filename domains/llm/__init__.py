@@ -20,7 +20,6 @@ from domains.llm.data import pack_blocks, source_documents
 from domains.llm.metrics import greedy_continuations, lm_metrics, tokens_per_second
 from domains.llm.models import (
     CausalLM,
-    cache_dir,
     check_same_tokenizer,
     load_causal_lm,
     load_tokenizer,
@@ -29,6 +28,7 @@ from domains.llm.models import (
     student_from_teacher,
     student_lora,
 )
+from kdlib.core.cache import cache_dir
 from kdlib.core.data import TensorDataset
 from kdlib.core.domain import Domain, register_domain
 from kdlib.core.mixture import MixtureOrder

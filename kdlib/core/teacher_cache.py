@@ -23,14 +23,12 @@ stale one, so the caller recomputes instead of training on another teacher's out
 from __future__ import annotations
 
 import hashlib
-import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from kdlib.core.cache import load_keyed, save_keyed
 from kdlib.objectives import divergence
 
 FORMAT = "topk-logp-tail/1"
@@ -80,31 +78,13 @@ def topk_signal(logits_fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch
 
 
 def save_signal(path: str | Path, signal: dict[str, torch.Tensor], key: dict[str, str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in signal.items()}, str(tmp),
-              metadata={"key": json.dumps({**key, "format": FORMAT}, sort_keys=True)})
-    tmp.replace(path)
-    return path
+    """Store ``signal`` for ``key`` (atomically, ``kdlib.core.cache``)."""
+    return save_keyed(path, signal, {**key, "format": FORMAT})
 
 
 def load_signal(path: str | Path, key: dict[str, str]) -> dict[str, torch.Tensor] | None:
     """The stored signal if ``path`` exists and was made for exactly ``key``; else None (stale: warned)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    with safe_open(str(path), "pt") as f:
-        stored = json.loads((f.metadata() or {}).get("key", "{}"))
-    wanted = {**key, "format": FORMAT}
-    if stored != wanted:
-        changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-        warnings.warn(f"teacher cache {path} is stale ({', '.join(changed)} changed); recomputing it",
-                      stacklevel=2)
-        return None
-    return load_file(str(path))
+    return load_keyed(path, {**key, "format": FORMAT}, what="teacher cache")
 
 
 def bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from torch import nn
 
+from kdlib.core.method import LossThroughForward
 from kdlib.core.models import Student, Teacher
 from kdlib.diffusion.consistency import ConsistencyModel, consistency_sample, default_times
 from kdlib.diffusion.guidance import drop_condition
@@ -56,8 +56,6 @@ from kdlib.methods.consistency_family import check_choice, check_range
 from kdlib.methods.feature_gan import FeatureTap, GANHead
 from kdlib.methods.flow_matching import denoising_loss
 from kdlib.methods.lora_score import LoRAFakeScore
-
-T = TypeVar("T")
 
 FAKE_SCORES = ("copy", "lora")
 WEIGHTINGS = ("dmd", "vsd")
@@ -131,16 +129,15 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class Critic(nn.Module):
+class Critic(LossThroughForward, nn.Module):
     """The trained networks against the generator: the fake score ``net`` and, for DMD2's GAN
     loss, a classifier ``head`` on the features of the fake score's layer ``gan_layer`` (DMD2 §4.3:
     the GAN discriminator shares the fake score's encoder). One module: one optimizer, one
     checkpoint entry. ``gan_layer`` names a submodule of the teacher's network (a LoRA fake score
     keeps those names in its ``network``).
 
-    ``critic(fn, *args, **kwargs)`` is ``fn(*args, **kwargs)``: the critic's own loss is computed
-    through ``forward`` so that under torchrun the call of its DDP wrapper (``Method.group_forward``)
-    spans it and the gradients of ``net`` and ``head`` are averaged across processes."""
+    ``critic(fn, *args, **kwargs)`` is ``fn(*args, **kwargs)`` (``LossThroughForward``): the
+    critic's own loss runs through its DDP wrapper, which averages ``net``'s and ``head``'s gradients."""
 
     def __init__(self, net: nn.Module, gan_layer: str = "", gan_channels: int = 0):
         super().__init__()
@@ -148,9 +145,6 @@ class Critic(nn.Module):
         self.head = GANHead(gan_channels).to(next(net.parameters()).device) if gan_layer else None
         features = net.network if isinstance(net, LoRAFakeScore) else net
         self.tap = FeatureTap(features, gan_layer) if gan_layer else None
-
-    def forward(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        return fn(*args, **kwargs)
 
     def logits(self, param: Parameterisation, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """Real-vs-generated logits of noisy states x_t [B, ...] at t [B] (per feature position)."""
@@ -178,6 +172,14 @@ class DistributionMatcher:
         self.teacher, self.critic, self.param = teacher, critic, param
         self.guidance, self.time_shift, self.weighting = guidance, time_shift, weighting
         self.guidance_range, self.guide_fake, self.fake_cond_drop = guidance_range, guide_fake, fake_cond_drop
+
+    @classmethod
+    def from_options(cls, method: str, teacher: Teacher, critic: Critic, param: Parameterisation,
+                     options: DMOptions, **kwargs) -> DistributionMatcher:
+        """The matcher of ``method``'s options (guidance, guidance_range, time_shift checked);
+        ``kwargs``: the other arguments (weighting, guide_fake, fake_cond_drop)."""
+        return cls(teacher, critic, param, options.guidance, options.time_shift,
+                   guidance_range=guidance_range(method, options), **kwargs)
 
     def time(self, n: int, like: torch.Tensor, shift: float | None = None) -> torch.Tensor:
         """Noise levels [n] of the DM gradient and of the fake score's training: the teacher's own

@@ -44,7 +44,6 @@ from kdlib.methods.distribution_matching import (
     FewStepGenerator,
     check_options,
     fake_score_network,
-    guidance_range,
 )
 from kdlib.methods.flow_matching import check_parameterisation, split_batch
 
@@ -98,8 +97,7 @@ class DMD(Method):
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
         self.critic = Critic(fake_score_network(teacher, config))
-        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
-                                      guidance_range=guidance_range(self.name, config))
+        self.dm = DistributionMatcher.from_options(self.name, teacher, self.critic, self.param, config)
 
     @property
     def needs_ode_pairs(self) -> bool:

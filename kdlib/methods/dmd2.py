@@ -41,7 +41,6 @@ from kdlib.methods.distribution_matching import (
     check_options,
     fake_score_network,
     frozen,
-    guidance_range,
 )
 from kdlib.methods.feature_gan import discriminator_loss, generator_loss
 from kdlib.methods.flow_matching import check_parameterisation, split_batch
@@ -72,8 +71,7 @@ class DMD2(Method):
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
         self.critic = Critic(fake_score_network(teacher, config), config.gan_layer, config.gan_channels)
-        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
-                                      guidance_range=guidance_range(self.name, config))
+        self.dm = DistributionMatcher.from_options(self.name, teacher, self.critic, self.param, config)
 
     def trainable_modules(self):
         return {"student": self.student.model, "critic": self.critic}

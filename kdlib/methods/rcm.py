@@ -36,7 +36,6 @@ from kdlib.methods.distribution_matching import (
     FewStepGenerator,
     check_options,
     fake_score_network,
-    guidance_range,
 )
 from kdlib.methods.flow_matching import split_batch
 from kdlib.methods.scm import SCMDistillation, SCMMethodConfig
@@ -59,9 +58,8 @@ class RCM(SCMDistillation):
         check_range(self.name, "critic_updates", config.critic_updates, 1)
         self.generator = FewStepGenerator(student, config.gen_steps, config.backward_simulation)
         self.critic = Critic(fake_score_network(teacher, config))
-        self.dm = DistributionMatcher(teacher, self.critic, get_parameterisation(config.teacher_param),
-                                      config.guidance, config.time_shift,
-                                      guidance_range=guidance_range(self.name, config))
+        self.dm = DistributionMatcher.from_options(self.name, teacher, self.critic,
+                                                   get_parameterisation(config.teacher_param), config)
 
     def trainable_modules(self):
         return {**super().trainable_modules(), "critic": self.critic}

@@ -33,15 +33,14 @@ them, else ``teacher_steps`` ODE steps from fresh noise under the batch's condit
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlib.core.method import LossThroughForward
 from kdlib.core.models import Teacher
 from kdlib.diffusion.param import Parameterisation
 from kdlib.diffusion.samplers import SAMPLERS, sample
@@ -49,8 +48,6 @@ from kdlib.methods.consistency_family import check_choice, check_range
 from kdlib.methods.distribution_matching import frozen
 from kdlib.methods.feature_gan import FeatureTap, discriminator_loss, generator_loss, tapped_features
 from kdlib.nn.embeddings import sinusoidal_embedding
-
-T = TypeVar("T")
 
 DISC_TIMES = ("logit_normal", "uniform", "train")
 DISC_LOSSES = ("hinge", "non_saturating")
@@ -158,14 +155,10 @@ def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-class DiscriminatorHeads(nn.ModuleList):
+class DiscriminatorHeads(LossThroughForward, nn.ModuleList):
     """The trainable heads, one per teacher layer (a ModuleList: its state dict keys are the
-    heads' indices). ``heads(fn, *args, **kwargs)`` is ``fn(*args, **kwargs)``: the
-    discriminator's loss is computed through ``forward`` so that under torchrun the call of its
-    DDP wrapper (``Method.group_forward``) spans it and the heads' gradients are averaged."""
-
-    def forward(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        return fn(*args, **kwargs)
+    heads' indices); the discriminator's loss runs through their DDP wrapper
+    (``LossThroughForward``), which averages the heads' gradients."""
 
 
 class TeacherDiscriminator:

@@ -44,7 +44,6 @@ from kdlib.methods.distribution_matching import (
     FewStepGenerator,
     check_options,
     fake_score_network,
-    guidance_range,
 )
 from kdlib.methods.flow_matching import check_parameterisation, split_batch
 
@@ -68,7 +67,6 @@ class VSD(Method):
         check_choice(self.name, "weighting", config.weighting, WEIGHTINGS)
         check_range(self.name, "critic_updates", config.critic_updates, 1)
         check_range(self.name, "fake_cond_drop", config.fake_cond_drop, 0.0, 1.0)
-        scale_range = guidance_range(self.name, config)
         if config.gen_steps > 1 and not config.backward_simulation:
             raise ValueError(f"{self.name} is image-free: with gen_steps > 1 the later steps' inputs come from the "
                              "student's own samples (backward_simulation: true), never from data")
@@ -78,9 +76,9 @@ class VSD(Method):
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
         self.critic = Critic(fake_score_network(teacher, config))
-        self.dm = DistributionMatcher(teacher, self.critic, self.param, config.guidance, config.time_shift,
-                                      weighting=config.weighting, guidance_range=scale_range,
-                                      guide_fake=config.guide_fake_score, fake_cond_drop=config.fake_cond_drop)
+        self.dm = DistributionMatcher.from_options(self.name, teacher, self.critic, self.param, config,
+                                                   weighting=config.weighting, guide_fake=config.guide_fake_score,
+                                                   fake_cond_drop=config.fake_cond_drop)
 
     def trainable_modules(self):
         return {"student": self.student.model, "critic": self.critic}

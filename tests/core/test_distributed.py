@@ -1,46 +1,20 @@
 """2-process gloo DDP (launched with torchrun's environment) equals 1 process on the same global
 batch: each rank takes half of every global batch and DDP averages the gradients."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from tests.core.toy import toy_model
+from tests.launch import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world_size: int, tmp_path: Path, tag: str) -> dict[str, torch.Tensor]:
     out = tmp_path / f"{tag}.safetensors"
-    port = _free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {
-            **os.environ,
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1",
-        }
-        if world_size > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/core/ddp_worker.py"), str(out), str(tmp_path / f"{tag}-stage")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        ))
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output.decode()[-3000:]
+    launch(ROOT / "tests/core/ddp_worker.py", [str(out), str(tmp_path / f"{tag}-stage")], world_size, timeout=180)
     return load_file(str(out))
 
 

@@ -9,16 +9,14 @@ the gradient probe checks the averaging itself (``ddp_worker.py``)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+
+from tests.launch import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,34 +39,12 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with the gloo backend")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Per case, each rank's tensors (``ddp_worker.py``); both ranks run every case in one launch."""
     out = tmp_path_factory.mktemp("ddp-critics")
-    port, world = _free_port(), 2
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/methods/ddp_worker.py"), str(out), str(out / "stages"), *PROBED],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        ))
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:  # a rank that died leaves the other waiting in a collective
-            if p.poll() is None:
-                p.kill()
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output.decode()[-4000:]
+    world = 2
+    launch(ROOT / "tests/methods/ddp_worker.py", [str(out), str(out / "stages"), *PROBED], world, timeout=240)
     return {case: [load_file(str(out / f"{case}-rank{r}.safetensors")) for r in range(world)] for case in PROBED}
 
 
