@@ -11,8 +11,8 @@ streams its V logits three times, in fp32 registers, never materialising an fp32
 3. the loss terms and the gradient ∂loss/∂z_j = (w / T) · (a_j − p_s,j Σ a), plus the hard-label
    term, written over the student logits in place (their last use).
 
-Per-kind formulas for the terms and for a_j are in ``_terms`` (derived from the reference's
-definitions; see ``kdlib.kernels.reference.fused_linear_divergence``).
+Per-kind formulas for the terms and for a_j are in ``_terms`` and, for jsd, ``_row_terms``
+(derived from the reference's definitions; see ``kdlib.kernels.reference.fused_linear_divergence``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from kdlib.kernels._dispatch import triton_interpreted
 
 # Kind codes: the reference's kinds after the endpoint rules are applied (see ``kind_code``).
 FKL, RKL, JSD, TVD, SKEW_FKL, SKEW_RKL, SYMKL, HELLINGER, CHI2 = range(9)
@@ -49,7 +52,8 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _terms(ls, lt, c, log_c, log_1mc, KIND: tl.constexpr):
-    """Per-element loss term and a = ∂loss/∂log p_s for log-probabilities ls (student), lt (teacher)."""
+    """Per-element loss term and a = ∂loss/∂log p_s for log-probabilities ls (student), lt (teacher).
+    jsd (KIND 2) is computed in ``_row_terms``."""
     ps = tl.exp(ls)
     pt = tl.exp(lt)
     if KIND == 0:  # fkl
@@ -58,13 +62,6 @@ def _terms(ls, lt, c, log_c, log_1mc, KIND: tl.constexpr):
     elif KIND == 1:  # rkl
         term = ps * (ls - lt)
         a = ps * (ls - lt + 1.0)
-    elif KIND == 2:  # jsd, c = β:  m = β p_t + (1 − β) p_s
-        # In the probability domain (one log instead of logaddexp's exp + log: this kernel is
-        # bound by special functions for jsd). m underflows only where p_t and p_s do, and then the
-        # clamp keeps 0 · log m at 0 instead of NaN.
-        lm = tl.log(tl.maximum(c * pt + (1.0 - c) * ps, 1e-30))
-        term = c * pt * (lt - lm) + (1.0 - c) * ps * (ls - lm)
-        a = (1.0 - c) * ps * (ls - lm)
     elif KIND == 3:  # tvd
         term = 0.5 * tl.abs(pt - ps)
         a = -0.5 * ps * tl.where(pt > ps, 1.0, tl.where(pt < ps, -1.0, 0.0))
@@ -90,6 +87,36 @@ def _terms(ls, lt, c, log_c, log_1mc, KIND: tl.constexpr):
     return term, a, ps
 
 
+_LN2 = tl.constexpr(math.log(2.0))
+_LOG2E = tl.constexpr(1.0 / math.log(2.0))
+
+
+@triton.jit
+def _row_terms(z, y, inv_temp, lse_s, lse_t, c, log_c, log_1mc, KIND: tl.constexpr, FAST_LOG: tl.constexpr):
+    """``_terms`` of raw logits z (student), y (teacher) given each row's log-sum-exp of z/T, y/T.
+
+    jsd, the kind bound by special functions, is computed in base 2: exp2 and the hardware's
+    approximate log2 (lg2.approx, relative error ~2⁻²², far below the bf16 logits' rounding) save a
+    multiply per exp and libdevice's exact log. FAST_LOG is off under the interpreter."""
+    if KIND == 2:  # c = β:  m = β p_t + (1 − β) p_s; ls2, lt2, lm2: log₂ of p_s, p_t, m
+        ls2 = z * (inv_temp * _LOG2E) - lse_s * _LOG2E
+        lt2 = y * (inv_temp * _LOG2E) - lse_t * _LOG2E
+        ps = tl.exp2(ls2)
+        pt = tl.exp2(lt2)
+        # m in the probability domain (one log, not logaddexp's exp + log). It underflows only where
+        # p_t and p_s do, and the clamp then keeps 0 · log m at 0 instead of NaN.
+        mix = tl.maximum(c * pt + (1.0 - c) * ps, 1e-30)
+        if FAST_LOG:
+            lm2 = libdevice.fast_log2f(mix)
+        else:
+            lm2 = tl.log2(mix)
+        a = ((1.0 - c) * _LN2) * ps * (ls2 - lm2)
+        term = (c * _LN2) * pt * (lt2 - lm2) + a
+    else:
+        term, a, ps = _terms(z * inv_temp - lse_s, y * inv_temp - lse_t, c, log_c, log_1mc, KIND)
+    return term, a, ps
+
+
 @triton.jit
 def _divergence_rows_kernel(
     S, T, LOSS, LABELS,
@@ -97,7 +124,7 @@ def _divergence_rows_kernel(
     inv_temp, c, log_c, log_1mc,
     soft_w, hard_w, grad_scale, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, RAW_STATS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    FAST_LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
@@ -158,7 +185,7 @@ def _divergence_rows_kernel(
             inb = idx < V
             z = tl.load(s_row + idx, mask=inb, other=0.0).to(tl.float32)
             y = tl.load(t_row + idx, mask=inb, other=0.0).to(tl.float32)
-            _, a, _ = _terms(z * inv_temp - lse_s, y * inv_temp - lse_t, c, log_c, log_1mc, KIND)
+            _, a, _ = _row_terms(z, y, inv_temp, lse_s, lse_t, c, log_c, log_1mc, KIND, FAST_LOG)
             acc += tl.where(inb, a, 0.0)
         sum_a = tl.sum(acc, 0)
 
@@ -176,7 +203,7 @@ def _divergence_rows_kernel(
         inb = idx < V
         z = tl.load(s_row + idx, mask=inb, other=0.0).to(tl.float32)
         y = tl.load(t_row + idx, mask=inb, other=0.0).to(tl.float32)
-        term, a, ps = _terms(z * inv_temp - lse_s, y * inv_temp - lse_t, c, log_c, log_1mc, KIND)
+        term, a, ps = _row_terms(z, y, inv_temp, lse_s, lse_t, c, log_c, log_1mc, KIND, FAST_LOG)
         loss_acc += tl.where(inb, term, 0.0)
         g = g_soft * (a - ps * sum_a)
         if HARD:
@@ -221,5 +248,5 @@ def divergence_rows_(
         inv_temp, coef, log_c, log_1mc,
         soft_w, hard_w, grad_scale, ignore_index,
         KIND=kind, HAS_LABELS=labels is not None, HARD=hard, RAW_STATS=hard and inv_temp != 1.0,
-        BLOCK=block, num_warps=num_warps,
+        FAST_LOG=not triton_interpreted(), BLOCK=block, num_warps=num_warps,
     )
