@@ -59,3 +59,12 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` (picklable) as a list on rank 0, None on the others; ``[obj]`` alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

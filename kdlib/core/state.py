@@ -8,6 +8,7 @@ prefixed keys and everything else to JSON, and the two are put back together on 
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,33 @@ def capture_rng(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
     }
+
+
+def local_torch_rng() -> dict[str, torch.Tensor]:
+    """This process's torch generators (CPU and each CUDA device): under torchrun each rank has its
+    own stream (see ``seed_rank``), so a checkpoint keeps one of these per rank."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda/{i}"] = s
+    return states
+
+
+def set_local_torch_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[f"cuda/{i}"] for i in range(len(states) - 1) if f"cuda/{i}" in states]
+    if torch.cuda.is_available() and cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def seed_rank(seed: int, rank: int, stage: str) -> None:
+    """Give rank ``rank`` > 0 its own torch stream for a stage (rank 0 keeps the stream a single
+    process would have, so one-process runs are unchanged). Without this every rank would draw the
+    same noise, times and generator inputs, and N GPUs would train on one GPU's worth of random
+    draws. Python's ``random`` and numpy stay shared: methods draw step-level choices that every rank
+    must agree on (which timestep index, which phase) from ``random``."""
+    if rank > 0:
+        torch.manual_seed((seed * 1_000_003 + rank * 7_919 + zlib.crc32(stage.encode())) % 2**63)
 
 
 def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

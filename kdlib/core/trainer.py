@@ -41,7 +41,15 @@ from kdlib.core.data import BatchOrder, TensorDataset
 from kdlib.core.method import Method
 from kdlib.core.metrics_log import MetricsLog
 from kdlib.core.run_config import TrainConfig
-from kdlib.core.state import capture_rng, flatten_state, restore_rng, unflatten_state
+from kdlib.core.state import (
+    capture_rng,
+    flatten_state,
+    local_torch_rng,
+    restore_rng,
+    seed_rank,
+    set_local_torch_rng,
+    unflatten_state,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -155,6 +163,7 @@ class Trainer:
             )
         # A domain may bring its own order (e.g. a re-weighted mixture of text domains); it must
         # keep BatchOrder's interface, including state()/load_state() for exact resume.
+        self.seed = seed
         self.order = order or BatchOrder(size=len(data), batch_size=cfg.batch_size, seed=seed)
         self.modules = method.trainable_modules()
         lrs = group_lrs(cfg, list(self.modules))
@@ -205,8 +214,12 @@ class Trainer:
         return tensors, meta
 
     def save(self) -> None:
+        ranks_rng = distributed.gather_to_main(local_torch_rng())  # every rank takes part
         if self.dist.is_main:
             tensors, meta = self.state_tensors()
+            meta["rng"]["world_size"] = self.dist.world_size
+            for rank, states in enumerate(ranks_rng[1:], start=1):
+                tensors.update({f"rng/rank{rank}/{k}": v for k, v in states.items()})
             directory = self.stage_dir / "checkpoints"
             ckpt.save_checkpoint(directory, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
         distributed.barrier()
@@ -234,12 +247,30 @@ class Trainer:
         for i, ema in enumerate(self.method.student.ema):
             self._load_module(ema, f"ema/{i}/", tensors)
         restore_rng(meta["rng"], tensors)
+        self._restore_rank_rng(meta["rng"], tensors, found.path, found.step)
         self.order.load_state(meta["data_order"])
         self.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
         self.step = found.step
         if self.dist.is_main:
             self.log.truncate_after(self.step)
         return True
+
+    def _restore_rank_rng(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
+                          step: int) -> None:
+        """Ranks > 0 take back their own torch streams (rank 0's is the checkpoint's main state)."""
+        rank = self.dist.rank
+        if rank == 0:
+            return
+        prefix = f"rng/rank{rank}/"
+        states = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if states and meta.get("world_size") == self.dist.world_size:
+            set_local_torch_rng(states)
+            return
+        warnings.warn(
+            f"{path} was written by {meta.get('world_size', 1)} process(es), this run has "
+            f"{self.dist.world_size}: rank {rank} continues on a fresh random stream, so the resumed run "
+            "is not bit-identical to an uninterrupted one", RuntimeWarning, stacklevel=2)
+        seed_rank(self.seed + step, rank, self.description)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -312,8 +343,11 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, float]:
-        """Train to ``cfg.steps`` (resuming if a checkpoint exists); returns the final evaluation."""
-        self.restore()
+        """Train to ``cfg.steps`` (resuming if a checkpoint exists); returns the final evaluation.
+        Under torchrun each rank draws its own torch random numbers (``seed_rank``), and each rank's
+        stream is checkpointed, so a resumed multi-process run continues exactly."""
+        if not self.restore():
+            seed_rank(self.seed, self.dist.rank, self.description)
         progress = None
         if self.cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
