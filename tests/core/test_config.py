@@ -22,6 +22,8 @@ def test_default_recipe_is_the_generative_one_for_both_image_domains():
 
     cfg = load_run_config(ImageDomain.recipe_path(None), domain="image")
     assert cfg.domain == "image-gen" and cfg.method == "multistep_cd"
+    # CFG-augmented targets (mnist-mlcm-cfg): the teacher is evaluated at the student's guidance
+    assert cfg.method_args.guidance > 1 and cfg.model.guidance == cfg.method_args.guidance
     same = load_run_config(ImageGenDomain.recipe_path(None), domain="image-gen")
     assert to_dict(cfg) == to_dict(same)
     with pytest.raises(ConfigError, match="is for domain 'image-gen', not 'llm'"):

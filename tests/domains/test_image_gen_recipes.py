@@ -1,5 +1,6 @@
-"""The consistency-family MNIST recipes (mnist-mlcm, mnist-scott, mnist-tbcm) run end to end on a
-tiny budget, evaluate their students, and a segmented student keeps its sampler in its checkpoint."""
+"""The consistency-family MNIST recipes (mnist-mlcm, its guided mnist-mlcm-cfg, mnist-scott, mnist-tbcm)
+run end to end on a tiny budget, evaluate their students, and a segmented student keeps its sampler
+in its checkpoint."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from safetensors.torch import load_file  # noqa: E402
 from kdlib.cli import main  # noqa: E402
 
 
-@pytest.mark.parametrize("recipe,method", [("mnist-mlcm", "multistep_cd"), ("mnist-scott", "scott"),
-                                           ("mnist-tbcm", "tbcm")])
+@pytest.mark.parametrize("recipe,method", [("mnist-mlcm", "multistep_cd"), ("mnist-mlcm-cfg", "multistep_cd"),
+                                           ("mnist-scott", "scott"), ("mnist-tbcm", "tbcm")])
 def test_recipe_smoke_run(tmp_path, recipe, method):
     # baseline=false: the iCT baseline is mnist-cd's and is covered by tests/domains/test_image_gen.py
     rc = main(["distill", "image-gen", "--recipe", recipe, f"runs_dir={tmp_path}", "name=tiny", "seeds=[0]",
