@@ -49,10 +49,15 @@ class LLMDataConfig:
     teacher_batch_size: int = 8
     # "uniform": each epoch a shuffle of all training blocks; "ddk": a mixture of the text domains
     # re-weighted at every evaluation (train.eval_every) toward the domains where the student's
-    # held-out NLL trails the teacher's most (kdlib.core.mixture, DDK).
+    # validation NLL trails the teacher's most (kdlib.core.mixture, DDK's factor-smooth update:
+    # temperature 1 and smoothing α = 0.5 as in the paper; every domain keeps ≥ (1 − α)/N).
     mixture: str = "uniform"
-    ddk_temperature: float = 0.1
+    ddk_temperature: float = 1.0
     ddk_smoothing: float = 0.5
+    # DDK's validation data: this many blocks per domain from documents that are in neither the
+    # training nor the held-out blocks (the held-out blocks only report). 0: steer by the held-out
+    # blocks themselves (the results are then measured on the data that steered the mixture).
+    ddk_blocks: int = 16
 
 
 @dataclass
@@ -95,6 +100,7 @@ class LLMDomain(Domain):
         self._followed: int | None = None
         self._teacher_nll: dict[int, float] = {}
         self._student_nll: dict[int, float] = {}
+        self._steer: dict[int, TensorDataset] = {}  # DDK's validation blocks per domain index
 
     # -- models -----------------------------------------------------------------------------------
     @property
@@ -134,11 +140,14 @@ class LLMDomain(Domain):
     def datasets(self) -> dict[str, TensorDataset]:
         cfg, tokenizer = self.data_config, self.tokenizer()
         train, splits = [], {}
+        steer_blocks = cfg.ddk_blocks if cfg.mixture == "ddk" else 0
         for index, source in enumerate(cfg.sources):
             name, docs = source_documents(source)
             blocks = pack_blocks(docs, tokenizer, cfg.block_size, cfg.eval_blocks, cfg.train_blocks,
-                                 cfg.split_seed, name)
+                                 cfg.split_seed, name, steer_blocks=steer_blocks)
             train.append((blocks["train"], index))
+            if "steer" in blocks:
+                self._steer[index] = TensorDataset(x=blocks["steer"][:, :-1], y=blocks["steer"][:, 1:])
             heldout = blocks["heldout"]
             splits[f"val_{name}"] = TensorDataset(x=heldout[:, :-1], y=heldout[:, 1:],
                                                   domain=torch.full((len(heldout),), index))
@@ -180,11 +189,23 @@ class LLMDomain(Domain):
         metrics = lm_metrics(model, split)
         if "domain" in split.tensors:
             domain = int(split.tensors["domain"][0])
-            self._observe(model, domain, metrics["nll"])
+            steer = self._steer.get(domain)
+            if steer is None:
+                self._observe(model, domain, metrics["nll"])
+            elif self._steers(model):
+                # DDK's own validation blocks of this domain, not the held-out ones reported here
+                metrics["ddk_nll"] = lm_metrics(model, steer.to(split.tensors["x"].device))["nll"]
+                self._observe(model, domain, metrics["ddk_nll"])
             if self._order is not None and model is not self._teacher:
                 # the mixture weight this domain's training batches are drawn with from now on
                 metrics["mixture_weight"] = float(self._order.weights[domain])
         return metrics
+
+    def _steers(self, model: torch.nn.Module) -> bool:
+        """Whether ``model``'s NLLs feed DDK: the teacher's, and the followed student's (see _observe)."""
+        if model is self._teacher:
+            return True
+        return self._order is not None and self._followed in (None, id(model))
 
     def _observe(self, model: torch.nn.Module, domain: int, nll: float) -> None:
         """DDK through the evaluation hook: the teacher's held-out NLLs are recorded when the run
