@@ -5,7 +5,9 @@ agreement with the teacher against the same student trained without the teacher.
 
 Splits: ``train`` (``x``, ``y``, ``domain`` index and, with ``data.teacher_cache_k > 0``, the
 teacher's cached top-k signal for ``cached_kd``) and one held-out split per text domain,
-``val_<name>`` (``x``, ``y``, ``teacher_top1``). Caches (teacher conversion, teacher signal) live
+``val_<name>`` (``x``, ``y``, ``teacher_top1``); with ``data.mixture = ddk`` also DDK's own
+validation blocks per domain (``data.ddk_blocks``, from other documents), which steer the mixture and
+are reported as ``ddk_nll`` next to the held-out metrics. Caches (teacher conversion, teacher signal) live
 under ``$KDLIB_CACHE_DIR`` (default ``~/.cache/kdlib``)/llm/.
 """
 
@@ -189,6 +191,10 @@ class LLMDomain(Domain):
         metrics = lm_metrics(model, split)
         if "domain" in split.tensors:
             domain = int(split.tensors["domain"][0])
+            if self._order is not None and model is not self._teacher:
+                # the mixture weight this domain's training batches were drawn with up to now (read
+                # before this evaluation's update, so every domain's figure is from the same weights)
+                metrics["mixture_weight"] = float(self._order.weights[domain])
             steer = self._steer.get(domain)
             if steer is None:
                 self._observe(model, domain, metrics["nll"])
@@ -196,9 +202,6 @@ class LLMDomain(Domain):
                 # DDK's own validation blocks of this domain, not the held-out ones reported here
                 metrics["ddk_nll"] = lm_metrics(model, steer.to(split.tensors["x"].device))["nll"]
                 self._observe(model, domain, metrics["ddk_nll"])
-            if self._order is not None and model is not self._teacher:
-                # the mixture weight this domain's training batches are drawn with from now on
-                metrics["mixture_weight"] = float(self._order.weights[domain])
         return metrics
 
     def _steers(self, model: torch.nn.Module) -> bool:
@@ -208,7 +211,7 @@ class LLMDomain(Domain):
         return self._order is not None and self._followed in (None, id(model))
 
     def _observe(self, model: torch.nn.Module, domain: int, nll: float) -> None:
-        """DDK through the evaluation hook: the teacher's held-out NLLs are recorded when the run
+        """DDK through the evaluation hook: the teacher's validation NLLs are recorded when the run
         scores it; the first other model scored after a DDK order is made is the stage's student
         (Student.evaluation_models lists the raw student first), and each full set of its
         per-domain NLLs re-weights the order."""
