@@ -97,7 +97,7 @@ class LLMDomain(Domain):
         self._teacher: CausalLM | None = None
         if data_config.mixture not in ("uniform", "ddk"):
             raise ValueError(f"data.mixture must be 'uniform' or 'ddk', got {data_config.mixture!r}")
-        # DDK bookkeeping: the active stage's order, the model it follows, held-out NLL per domain.
+        # DDK bookkeeping: the active stage's order, the model it follows, validation NLL per domain.
         self._order: MixtureOrder | None = None
         self._followed: int | None = None
         self._teacher_nll: dict[int, float] = {}
