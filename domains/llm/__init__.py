@@ -5,7 +5,9 @@ agreement with the teacher against the same student trained without the teacher.
 
 Splits: ``train`` (``x``, ``y``, ``domain`` index and, with ``data.teacher_cache_k > 0``, the
 teacher's cached top-k signal for ``cached_kd``) and one held-out split per text domain,
-``val_<name>`` (``x``, ``y``, ``teacher_top1``). Caches (teacher conversion, teacher signal) live
+``val_<name>`` (``x``, ``y``, ``teacher_top1``); with ``data.mixture = ddk`` also DDK's own
+validation blocks per domain (``data.ddk_blocks``, from other documents), which steer the mixture and
+are reported as ``ddk_nll`` next to the held-out metrics. Caches (teacher conversion, teacher signal) live
 under ``$KDLIB_CACHE_DIR`` (default ``~/.cache/kdlib``)/llm/.
 """
 
@@ -49,10 +51,15 @@ class LLMDataConfig:
     teacher_batch_size: int = 8
     # "uniform": each epoch a shuffle of all training blocks; "ddk": a mixture of the text domains
     # re-weighted at every evaluation (train.eval_every) toward the domains where the student's
-    # held-out NLL trails the teacher's most (kdlib.core.mixture, DDK).
+    # validation NLL trails the teacher's most (kdlib.core.mixture, DDK's factor-smooth update:
+    # temperature 1 and smoothing α = 0.5 as in the paper; every domain keeps ≥ (1 − α)/N).
     mixture: str = "uniform"
-    ddk_temperature: float = 0.1
+    ddk_temperature: float = 1.0
     ddk_smoothing: float = 0.5
+    # DDK's validation data: this many blocks per domain from documents that are in neither the
+    # training nor the held-out blocks (the held-out blocks only report). 0: steer by the held-out
+    # blocks themselves (the results are then measured on the data that steered the mixture).
+    ddk_blocks: int = 16
 
 
 @dataclass
@@ -90,11 +97,12 @@ class LLMDomain(Domain):
         self._teacher: CausalLM | None = None
         if data_config.mixture not in ("uniform", "ddk"):
             raise ValueError(f"data.mixture must be 'uniform' or 'ddk', got {data_config.mixture!r}")
-        # DDK bookkeeping: the active stage's order, the model it follows, held-out NLL per domain.
+        # DDK bookkeeping: the active stage's order, the model it follows, validation NLL per domain.
         self._order: MixtureOrder | None = None
         self._followed: int | None = None
         self._teacher_nll: dict[int, float] = {}
         self._student_nll: dict[int, float] = {}
+        self._steer: dict[int, TensorDataset] = {}  # DDK's validation blocks per domain index
 
     # -- models -----------------------------------------------------------------------------------
     @property
@@ -134,11 +142,14 @@ class LLMDomain(Domain):
     def datasets(self) -> dict[str, TensorDataset]:
         cfg, tokenizer = self.data_config, self.tokenizer()
         train, splits = [], {}
+        steer_blocks = cfg.ddk_blocks if cfg.mixture == "ddk" else 0
         for index, source in enumerate(cfg.sources):
             name, docs = source_documents(source)
             blocks = pack_blocks(docs, tokenizer, cfg.block_size, cfg.eval_blocks, cfg.train_blocks,
-                                 cfg.split_seed, name)
+                                 cfg.split_seed, name, steer_blocks=steer_blocks)
             train.append((blocks["train"], index))
+            if "steer" in blocks:
+                self._steer[index] = TensorDataset(x=blocks["steer"][:, :-1], y=blocks["steer"][:, 1:])
             heldout = blocks["heldout"]
             splits[f"val_{name}"] = TensorDataset(x=heldout[:, :-1], y=heldout[:, 1:],
                                                   domain=torch.full((len(heldout),), index))
@@ -180,14 +191,27 @@ class LLMDomain(Domain):
         metrics = lm_metrics(model, split)
         if "domain" in split.tensors:
             domain = int(split.tensors["domain"][0])
-            self._observe(model, domain, metrics["nll"])
             if self._order is not None and model is not self._teacher:
-                # the mixture weight this domain's training batches are drawn with from now on
+                # the mixture weight this domain's training batches were drawn with up to now (read
+                # before this evaluation's update, so every domain's figure is from the same weights)
                 metrics["mixture_weight"] = float(self._order.weights[domain])
+            steer = self._steer.get(domain)
+            if steer is None:
+                self._observe(model, domain, metrics["nll"])
+            elif self._steers(model):
+                # DDK's own validation blocks of this domain, not the held-out ones reported here
+                metrics["ddk_nll"] = lm_metrics(model, steer.to(split.tensors["x"].device))["nll"]
+                self._observe(model, domain, metrics["ddk_nll"])
         return metrics
 
+    def _steers(self, model: torch.nn.Module) -> bool:
+        """Whether ``model``'s NLLs feed DDK: the teacher's, and the followed student's (see _observe)."""
+        if model is self._teacher:
+            return True
+        return self._order is not None and self._followed in (None, id(model))
+
     def _observe(self, model: torch.nn.Module, domain: int, nll: float) -> None:
-        """DDK through the evaluation hook: the teacher's held-out NLLs are recorded when the run
+        """DDK through the evaluation hook: the teacher's validation NLLs are recorded when the run
         scores it; the first other model scored after a DDK order is made is the stage's student
         (Student.evaluation_models lists the raw student first), and each full set of its
         per-domain NLLs re-weights the order."""

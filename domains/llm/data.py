@@ -8,7 +8,9 @@
   separated by blank lines); the domain is named after the file's stem.
 
 Per domain the documents are shuffled by ``split_seed`` (independent of training seeds); the first
-ones fill the held-out blocks, the rest the training blocks, so no document is in both. Tokens of
+ones fill the held-out blocks, the next ones the training blocks and, when asked for, the next ones
+the steering blocks (the validation data DDK re-weights the mixture by, kept apart from the held-out
+blocks the results are reported on), so no document is in two splits. Tokens of
 consecutive documents are joined with the tokenizer's EOS and cut into non-overlapping blocks of
 ``block_size + 1`` tokens: x = block[:-1], y = block[1:].
 """
@@ -98,33 +100,41 @@ def source_documents(source: str) -> tuple[str, list[str]]:
 
 
 def pack_blocks(documents: list[str], tokenizer, block_size: int, eval_blocks: int, train_blocks: int,
-                seed: int, name: str) -> dict[str, torch.Tensor]:
-    """``{"heldout": [eval_blocks, block_size + 1], "train": [<= train_blocks, block_size + 1]}`` int64.
+                seed: int, name: str, steer_blocks: int = 0) -> dict[str, torch.Tensor]:
+    """``{"heldout": [eval_blocks, block_size + 1], "train": [<= train_blocks, block_size + 1]}`` int64,
+    plus ``"steer": [steer_blocks, block_size + 1]`` when ``steer_blocks > 0``.
 
-    Only as many (shuffled) documents are tokenised as the blocks need. Raises ValueError when the
-    text tokenises to too little for the held-out blocks and at least one training block."""
+    Only as many (shuffled) documents are tokenised as the blocks need; the steering documents come
+    after the training ones, so asking for them leaves the held-out and training blocks unchanged.
+    Raises ValueError when the text tokenises to too little for the held-out blocks and at least one
+    training block (and, if asked for, the steering blocks)."""
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
     need = {"heldout": eval_blocks * (block_size + 1), "train": train_blocks * (block_size + 1)}
-    streams: dict[str, list[int]] = {"heldout": [], "train": []}
-    split = "heldout"
+    if steer_blocks > 0:
+        need["steer"] = steer_blocks * (block_size + 1)
+    splits = list(need)
+    streams: dict[str, list[int]] = {key: [] for key in splits}
+    current = 0
     for i in order:
         ids = tokenizer(documents[i], add_special_tokens=False)["input_ids"]
         if not ids:
             continue
+        split = splits[current]
         streams[split] += ids + [eos]
-        if split == "heldout" and len(streams[split]) >= need["heldout"]:
-            split = "train"
-        elif split == "train" and len(streams[split]) >= need["train"]:
-            break
+        if len(streams[split]) >= need[split]:
+            current += 1
+            if current == len(splits):
+                break
     out = {}
     for key, stream in streams.items():
         n = min(len(stream), need[key]) // (block_size + 1)
-        if n == 0 or (key == "heldout" and n < eval_blocks):
+        if n == 0 or (key == "heldout" and n < eval_blocks) or (key == "steer" and n < steer_blocks):
+            steer = f", {steer_blocks} steering blocks" if steer_blocks > 0 else ""
             raise ValueError(
                 f"text domain {name!r} tokenises to {sum(len(s) for s in streams.values())} tokens in all "
-                f"({len(documents)} documents): too few for {eval_blocks} held-out blocks and a training block "
-                f"of {block_size + 1} tokens")
+                f"({len(documents)} documents): too few for {eval_blocks} held-out blocks{steer} and a training "
+                f"block of {block_size + 1} tokens")
         out[key] = torch.tensor(stream[: n * (block_size + 1)], dtype=torch.int64).view(n, block_size + 1)
     return out

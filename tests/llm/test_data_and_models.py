@@ -24,6 +24,29 @@ def test_packing_keeps_documents_out_of_both_splits():
     assert torch.equal(again["train"], blocks["train"])  # fixed by split_seed
 
 
+def test_steering_blocks_come_after_the_training_documents():
+    tok = word_tokenizer(WORDS)
+    docs = [" ".join(f"w{(3 * d + i) % 61}" for i in range(5 + d % 4)) + f" w{d % 61}" for d in range(60)]
+    plain = llm_data.pack_blocks(docs, tok, block_size=7, eval_blocks=3, train_blocks=5, seed=0, name="t")
+    steered = llm_data.pack_blocks(docs, tok, block_size=7, eval_blocks=3, train_blocks=5, seed=0, name="t",
+                                   steer_blocks=4)
+    assert "steer" not in plain and steered["steer"].shape == (4, 8)
+    # asking for steering blocks leaves the held-out and training blocks (and their caches) as they were
+    assert torch.equal(steered["heldout"], plain["heldout"]) and torch.equal(steered["train"], plain["train"])
+    # and they come from other documents: every document ends with its own marker word w{d % 61}
+    # right before EOS, so the (marker) words before each EOS name the documents a split holds
+    eos = tok.eos_token_id
+
+    def markers(blocks):
+        flat = blocks.flatten()
+        return {int(flat[i - 1]) for i in (flat == eos).nonzero().flatten().tolist() if i > 0}
+
+    assert markers(steered["steer"]).isdisjoint(markers(steered["train"]) | markers(steered["heldout"]))
+    with pytest.raises(ValueError, match="4 steering blocks"):
+        llm_data.pack_blocks(docs[:12], tok, block_size=7, eval_blocks=3, train_blocks=5, seed=0, name="t",
+                             steer_blocks=4)
+
+
 def test_text_that_tokenises_to_nothing_is_an_error(tmp_path):
     tok = word_tokenizer(WORDS)
     with pytest.raises(ValueError, match="'empty' tokenises to 0 tokens"):
