@@ -214,17 +214,19 @@ class ImageGenDomain(Domain):
         return cfg.student_steps if isinstance(model, ConsistencyModel) else cfg.teacher_steps
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
+    def generate(self, model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int,
+                 guidance: float | None = None) -> torch.Tensor:
         """Samples [N, C, H, W] in [-1, 1]: a student's own few-step consistency sampler
         (``few_step_sample``: edge to edge for a segmented student), the teacher's ODE sampler
-        (with its guidance scale) otherwise."""
+        otherwise, at ``guidance`` (default: model.guidance)."""
         cond = {"y": labels if self.model_config.num_classes else torch.full_like(labels, -1)}
         if isinstance(model, ConsistencyModel):
             out = few_step_sample(model, model.param, noise, steps,
                                   generator=torch.Generator(noise.device).manual_seed(7), **cond)
         else:
             out = ode_sample(low_precision_caller(model, noise.dtype), self.param, noise, steps,
-                             self.model_config.teacher_sampler, cond=cond, guidance=self.model_config.guidance)
+                             self.model_config.teacher_sampler, cond=cond,
+                             guidance=self.model_config.guidance if guidance is None else guidance)
         return out.clamp(-1, 1)
 
     def _scorer(self, split: TensorDataset) -> DigitsScorer | PixelScorer:
@@ -241,21 +243,27 @@ class ImageGenDomain(Domain):
     def evaluate(self, model: torch.nn.Module, split: TensorDataset) -> dict[str, float]:
         """For each step count (teacher: ``teacher_steps``; student: ``student_steps``):
         FD-digits, KID-digits, precision, recall, diversity, class accuracy and the batched
-        sampling latency per image (ms), keyed ``<metric>_<n>step``."""
+        sampling latency per image (ms), keyed ``<metric>_<n>step``; with model.guidance ≠ 1 an
+        ODE-sampled model is also scored unguided at its most steps (``<metric>_<n>step_w1``)."""
         scorer = self._scorer(split)
         device = split.tensors["x"].device
         check_shape(tuple(split.tensors["x"].shape[1:]), self.image_shape, "evaluation data vs model.image_shape")
         noise, labels = _eval_noise(self.model_config.eval_samples, self.image_shape, device,
                                     self.model_config.num_classes)
         out = {}
-        for steps in self.step_counts(model):
+        runs = [(steps, None, "") for steps in self.step_counts(model)]
+        if self.model_config.guidance != 1.0 and not isinstance(model, ConsistencyModel):
+            # A guided recipe's ODE-sampled models (the teacher) also at w = 1, most steps: the
+            # reference that unguided recipes are read against (keys ..._<n>step_w1).
+            runs.append((max(self.step_counts(model)), 1.0, "_w1"))
+        for steps, guidance, suffix in runs:
             start = time.perf_counter()
-            samples = self.generate(model, noise, labels, steps)
+            samples = self.generate(model, noise, labels, steps, guidance)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             latency = (time.perf_counter() - start) / len(noise) * 1e3
             for name, value in {**scorer.score(samples, labels), "latency_ms": latency}.items():
-                out[f"{name}_{steps}step"] = value
+                out[f"{name}_{steps}step{suffix}"] = value
         return out
 
     def report_sections(self, run_dir: Path, teacher: torch.nn.Module, students: dict) -> list[str]:

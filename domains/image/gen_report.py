@@ -14,8 +14,9 @@ PAIRED_HEADER = ["model", "steps", *[c for _, c in COLUMNS], "latency ms/image",
 
 def paired_rows(results: dict, teacher_steps: list[int], student_steps: list[int],
                 split: str = "test") -> list[list[str]]:
-    """Rows: teacher at each step count, then every method's student (first-seed mean over
-    seeds) at each step count; speed-up is relative to the teacher at its largest step count."""
+    """Rows: teacher at each step count (and, for a guided recipe, unguided at its largest), then
+    every method's student (mean over seeds) at each step count; speed-up is relative to the
+    teacher at its largest step count, at the recipe's guidance."""
     teacher = results["teacher"]
     ref_steps = max(teacher_steps)
     ref_latency = teacher.get(f"{split}/teacher/latency_ms_{ref_steps}step")
@@ -31,6 +32,8 @@ def paired_rows(results: dict, teacher_steps: list[int], student_steps: list[int
 
     for n in teacher_steps:
         row("teacher", n, lambda k, n: teacher.get(f"{split}/teacher/{k}_{n}step"))
+    if f"{split}/teacher/fd_digits_{ref_steps}step_w1" in teacher:  # a guided recipe: the unguided reference too
+        row("teacher, w = 1", ref_steps, lambda k, n: teacher.get(f"{split}/teacher/{k}_{n}step_w1"))
     for method, stats in results["summary"].items():
         for n in student_steps:
             row(f"student ({method})", n,

@@ -27,6 +27,13 @@ def test_recipe_smoke_run(tmp_path, recipe, method):
     final = json.loads((run / "results.json").read_text())["seeds"][method]["0"]
     assert 0 < final["test/student/fd_digits_1step"] < float("inf")
     assert final["test/student/class_acc_2step"] > 0.3  # initialised from the teacher: still digits
+    teacher = json.loads((run / "results.json").read_text())["teacher"]
+    guided = recipe == "mnist-mlcm-cfg"
+    # a guided recipe's report carries the unguided teacher as well (the other reading of its table)
+    assert ("test/teacher/fd_digits_2step_w1" in teacher) == guided
+    assert ("teacher, w = 1" in (run / "report.md").read_text()) == guided
+    if guided:
+        assert teacher["test/teacher/fd_digits_2step_w1"] != teacher["test/teacher/fd_digits_2step"]
     checkpoint = next((run / "stages" / f"seed0-{method}" / "checkpoints").glob("step-*"))
     tensors = load_file(checkpoint / "tensors.safetensors")
     # the recipe's first phase (S = 4) is saved with the student: a reload samples edge to edge
