@@ -105,6 +105,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     results = Experiment(run_dir, cfg).run()
     if distributed.current().is_main:
         _print_results(run_dir, results, cfg)
+    distributed.shutdown()
     return 0
 
 
@@ -117,6 +118,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     results = Experiment(args.run_dir, cfg).run()
     if distributed.current().is_main:
         _print_results(Path(args.run_dir), results, cfg)
+    distributed.shutdown()
     return 0
 
 

@@ -39,6 +39,15 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a run: every rank meets first, so that none tears its
+    connections down while another still uses them (gloo aborts a process whose peer vanished), then
+    destroys it. A no-op without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def current() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

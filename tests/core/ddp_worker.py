@@ -23,7 +23,7 @@ def main(out: str, stage_dir: str) -> None:
     if info.is_main:
         save_file({k: v.contiguous() for k, v in student.model.state_dict().items()}, out)
     if info.enabled:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

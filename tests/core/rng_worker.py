@@ -57,10 +57,7 @@ def main(out: str, stage_dir: str, stop: int) -> None:
     with open(f"{out}.rank{info.rank}.json", "w") as f:
         json.dump({"draws": NoisyInputs.draws, "params": params}, f)
     if info.enabled:
-        # An interrupted run skips fit()'s closing barrier: meet here, so that no rank tears the
-        # process group down while another still talks to it (gloo aborts the process then).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def main(out: str, stage_root: str, cases: list[str]) -> None:
     for case in cases:
         run(case, Path(out), Path(stage_root))
     if info.enabled:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
