@@ -30,14 +30,14 @@ def domains_in_order(results: dict) -> list[str]:
 def gaps(run_dir: Path, method: str) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     teacher = results["teacher"]
-    domains = sorted(k.split("/")[0][len("val_"):] for k in teacher if k.endswith("/teacher/nll"))
+    domains = domains_in_order(results)
     seeds = {}
     for seed, metrics in results["seeds"][method].items():
         row = {d: metrics[f"val_{d}/student/nll"] - teacher[f"val_{d}/teacher/nll"] for d in domains}
         found = latest_checkpoint(run_dir / "stages" / f"seed{seed}-{method}" / "checkpoints")
         drawn = found.meta.get("data_order", {}).get("drawn") if found is not None else None
         seeds[seed] = {"gap": row, "worst": max(row.values()),
-                       "drawn": dict(zip(domains_in_order(results), drawn)) if drawn else None}
+                       "drawn": dict(zip(domains, drawn)) if drawn else None}
     mean = {d: statistics.mean(s["gap"][d] for s in seeds.values()) for d in domains}
     worst = [s["worst"] for s in seeds.values()]
     return {"run": str(run_dir), "domains": domains, "seeds": seeds, "mean_gap": mean,

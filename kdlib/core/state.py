@@ -41,13 +41,36 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def torch_rng_tensors(prefix: str) -> dict[str, torch.Tensor]:
+    """This process's torch generators as ``{prefix}torch`` (CPU) and ``{prefix}cuda/<i>`` (each
+    CUDA device). Under torchrun each rank has its own streams (see ``seed_rank``), so a checkpoint
+    keeps one such set per rank."""
+    states = {f"{prefix}torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"{prefix}cuda/{i}"] = s
+    return states
+
+
+def restore_torch_rng(tensors: dict[str, torch.Tensor], prefix: str) -> bool:
+    """Put back the generators ``torch_rng_tensors(prefix)`` saved; False if there are none. CUDA
+    states are restored only onto the same number of devices."""
+    if f"{prefix}torch" not in tensors:
+        return False
+    torch.set_rng_state(tensors[f"{prefix}torch"])
+    cuda, i = [], 0
+    while f"{prefix}cuda/{i}" in tensors:
+        cuda.append(tensors[f"{prefix}cuda/{i}"])
+        i += 1
+    if torch.cuda.is_available() and cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
+
+
 def capture_rng(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The state of every random number generator a run uses: torch (CPU and each CUDA device),
     numpy's global generator and Python's ``random``."""
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
+    tensors.update(torch_rng_tensors("rng/"))
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
     py_version, py_state, py_gauss = random.getstate()
@@ -56,23 +79,6 @@ def capture_rng(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
     }
-
-
-def local_torch_rng() -> dict[str, torch.Tensor]:
-    """This process's torch generators (CPU and each CUDA device): under torchrun each rank has its
-    own stream (see ``seed_rank``), so a checkpoint keeps one of these per rank."""
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda/{i}"] = s
-    return states
-
-
-def set_local_torch_rng(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["torch"])
-    cuda = [states[f"cuda/{i}"] for i in range(len(states) - 1) if f"cuda/{i}" in states]
-    if torch.cuda.is_available() and cuda and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def seed_rank(seed: int, rank: int, stage: str) -> None:
@@ -86,11 +92,7 @@ def seed_rank(seed: int, rank: int, stage: str) -> None:
 
 
 def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    if torch.cuda.is_available():
-        states = [tensors[f"rng/cuda/{i}"] for i in range(meta.get("cuda_devices", 0)) if f"rng/cuda/{i}" in tensors]
-        if states and len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    restore_torch_rng(tensors, "rng/")
     n = meta["numpy"]
     keys = tensors["rng/numpy"].numpy().astype(np.uint32)
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))

@@ -44,10 +44,10 @@ from kdlib.core.run_config import TrainConfig
 from kdlib.core.state import (
     capture_rng,
     flatten_state,
-    local_torch_rng,
     restore_rng,
+    restore_torch_rng,
     seed_rank,
-    set_local_torch_rng,
+    torch_rng_tensors,
     unflatten_state,
 )
 
@@ -214,12 +214,13 @@ class Trainer:
         return tensors, meta
 
     def save(self) -> None:
-        ranks_rng = distributed.gather_to_main(local_torch_rng())  # every rank takes part
+        # Every rank takes part; rank 0's own streams are the checkpoint's main RNG state.
+        ranks_rng = distributed.gather_to_main(torch_rng_tensors(f"rng/rank{self.dist.rank}/"))
         if self.dist.is_main:
             tensors, meta = self.state_tensors()
             meta["rng"]["world_size"] = self.dist.world_size
-            for rank, states in enumerate(ranks_rng[1:], start=1):
-                tensors.update({f"rng/rank{rank}/{k}": v for k, v in states.items()})
+            for states in ranks_rng[1:]:
+                tensors.update(states)
             directory = self.stage_dir / "checkpoints"
             ckpt.save_checkpoint(directory, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
         distributed.barrier()
@@ -261,10 +262,7 @@ class Trainer:
         rank = self.dist.rank
         if rank == 0:
             return
-        prefix = f"rng/rank{rank}/"
-        states = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if states and meta.get("world_size") == self.dist.world_size:
-            set_local_torch_rng(states)
+        if meta.get("world_size") == self.dist.world_size and restore_torch_rng(tensors, f"rng/rank{rank}/"):
             return
         warnings.warn(
             f"{path} was written by {meta.get('world_size', 1)} process(es), this run has "

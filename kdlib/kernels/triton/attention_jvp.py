@@ -221,10 +221,12 @@ def attention_jvp_triton(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     d_pad = padded_head_dim(d)
     if config is None:
-        table = GPU_CONFIGS_FP32 if q.dtype == torch.float32 else GPU_CONFIGS
-        if q.dtype != torch.float32 and not causal:
-            table = {**table, **GPU_CONFIGS_NONCAUSAL}
-        config = INTERPRETER_CONFIG if interpreted else table[d_pad]
+        if interpreted:
+            config = INTERPRETER_CONFIG
+        elif q.dtype == torch.float32:
+            config = GPU_CONFIGS_FP32[d_pad]
+        else:
+            config = GPU_CONFIGS[d_pad] if causal else GPU_CONFIGS_NONCAUSAL.get(d_pad, GPU_CONFIGS[d_pad])
     block_m, block_n, num_warps, num_stages = config
 
     out = _alloc(q.shape, q.dtype, q.device)
