@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
@@ -34,14 +35,19 @@ LOG2E = 1.4426950408889634
 # (BLOCK_N, BLOCK_M, warps, stages) — keys owned, queries walked; dQ (BLOCK_M, BLOCK_N, warps,
 # stages). Tiles shrink to divide the mask's block size. D 64 and 128: the fastest of
 # `scratch`-style sweeps on an H200 (bf16, N=32768, 10% random mask, 128-blocks; the raw timings
-# are in benchmarks/results/block_sparse_sweep.jsonl). D 16/32 reuse D 64's and D 256 keeps small
-# tiles for shared memory: neither was swept.
+# are in benchmarks/results/block_sparse_sweep.jsonl; D=128's dK/dV and dQ tiles re-swept with TMA
+# loads on 2026-12-04, benchmarks/RESULTS.md). D 16/32 reuse D 64's and D 256 keeps small tiles for
+# shared memory: neither was swept.
 FWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
                256: (64, 32, 4, 2)}
-DKDV_CONFIGS = {16: (64, 32, 4, 1), 32: (64, 32, 4, 1), 64: (64, 32, 4, 1), 128: (64, 32, 4, 2),
+DKDV_CONFIGS = {16: (64, 32, 4, 1), 32: (64, 32, 4, 1), 64: (64, 32, 4, 1), 128: (64, 64, 4, 2),
                 256: (64, 32, 4, 1)}
-DQ_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2),
+DQ_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3),
               256: (64, 32, 4, 1)}
+# Head dims (padded) whose tiles load through TMA descriptors on sm90+: at D=128 (H200, bf16,
+# N=32768, 128-blocks) the forward went from 19.56 to 16.23 ms at full density and from 1.97 to 1.77
+# ms at 10%; at D=64 TMA was 5% slower (1.13 vs 1.18 ms at 10%), so D ≤ 64 keeps pointer loads.
+TMA_HEAD_DIMS = (128,)
 FP32_CONFIG = (64, 32, 4, 2)  # fp32 tiles take twice the shared memory
 INTERPRETER_CONFIG = (32, 32, 1, 1)
 MIN_TILE = 16  # tl.dot's smallest operand edge
@@ -60,8 +66,30 @@ def _tile_list(COUNT, INDEX, scb, scl, scm, sib, sil, sim, n_heads, BLOCK: tl.co
 
 
 @triton.jit
+def _next_start(index_list, next_block, it, n_iter, SUBS: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """First row of iteration ``it``'s tile, and the listed block of iteration it + 1, loaded one
+    iteration ahead so that the tile loads do not wait on a dependent index load."""
+    start = next_block.to(tl.int64) * BLOCK + (it % SUBS) * TILE
+    return start, tl.load(index_list + tl.minimum(it + 1, n_iter - 1) // SUBS)
+
+
+@triton.jit
+def _load_tile(desc, ptrs, b, h, start, rows_ok, d_ok, ROWS: tl.constexpr, D_PAD: tl.constexpr,
+               EVEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [ROWS, D_PAD] tile of one (b, h) from row ``start``: through the TMA descriptor ``desc``
+    (rows past N and columns past D read as zero), else by pointers with masks."""
+    if USE_TMA:
+        tile = desc.load([b.to(tl.int32), h.to(tl.int32), start.to(tl.int32), 0]).reshape(ROWS, D_PAD)
+    elif EVEN:
+        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def _forward_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, K_DESC, V_DESC,
     KV_COUNT, KV_INDEX,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -71,7 +99,7 @@ def _forward_kernel(
     sib, sih, sim,
     n_heads, n_q, n_k, head_dim, qk_scale,
     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -93,15 +121,13 @@ def _forward_kernel(
     SUBS: tl.constexpr = BK // BLOCK_N
     # Ascending key blocks: the first sub-tile visited starts below Nk, so every row has seen a
     # valid key (m finite) before any fully masked sub-tile of a partial last block comes.
-    for it in range(0, count * SUBS):
-        start_n = tl.load(index_row + it // SUBS).to(tl.int64) * BK + (it % SUBS) * BLOCK_N
-        if EVEN_K:
-            k = tl.load(k_ptrs + start_n * skn, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * svn, mask=d_ok[None, :], other=0.0)
-        else:
-            key_ok = (start_n + offs_n) < n_k
-            k = tl.load(k_ptrs + start_n * skn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * svn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    n_iter = count * SUBS
+    next_block = tl.load(index_row)  # every layout row has at least one entry (0 when empty)
+    for it in range(0, n_iter):
+        start_n, next_block = _next_start(index_row, next_block, it, n_iter, SUBS, BK, BLOCK_N)
+        key_ok = (start_n + offs_n) < n_k
+        k = _load_tile(K_DESC, k_ptrs + start_n * skn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
+        v = _load_tile(V_DESC, v_ptrs + start_n * svn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if not EVEN_K:
             s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -146,7 +172,7 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA, Q_DESC, DO_DESC,
     Q_COUNT, Q_INDEX,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -158,7 +184,7 @@ def _dkdv_kernel(
     sib, sih, sin,
     n_heads, n_q, n_k, head_dim, sm_scale, qk_scale,
     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -179,13 +205,15 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     SUBS: tl.constexpr = BQ // BLOCK_M
-    for it in range(0, count * SUBS):
-        start_m = tl.load(index_col + it // SUBS).to(tl.int64) * BQ + (it % SUBS) * BLOCK_M
+    n_iter = count * SUBS
+    next_block = tl.load(index_col)
+    for it in range(0, n_iter):
+        start_m, next_block = _next_start(index_col, next_block, it, n_iter, SUBS, BQ, BLOCK_M)
         rows = start_m + offs_m
         row_ok = rows < n_q
-        ld = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptrs + start_m * sqn, mask=ld, other=0.0)
-        do = tl.load(do_ptrs + start_m * sdon, mask=ld, other=0.0)
+        q = _load_tile(Q_DESC, q_ptrs + start_m * sqn, b, h, start_m, row_ok, d_ok, BLOCK_M, D_PAD, False, USE_TMA)
+        do = _load_tile(DO_DESC, do_ptrs + start_m * sdon, b, h, start_m, row_ok, d_ok, BLOCK_M, D_PAD, False,
+                        USE_TMA)
         lse2 = tl.load(LSE + row_stats + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + row_stats + rows, mask=row_ok, other=0.0)
         # Transposed tiles ([keys, queries]) so dK, dV accumulate without transposing P.
@@ -204,7 +232,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,
+    Q, K, V, DO, DQ, LSE, DELTA, K_DESC, V_DESC,
     KV_COUNT, KV_INDEX,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -215,7 +243,7 @@ def _dq_kernel(
     sib, sih, sim,
     n_heads, n_q, n_k, head_dim, sm_scale, qk_scale,
     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -237,15 +265,13 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     SUBS: tl.constexpr = BK // BLOCK_N
-    for it in range(0, count * SUBS):
-        start_n = tl.load(index_row + it // SUBS).to(tl.int64) * BK + (it % SUBS) * BLOCK_N
-        if EVEN_K:
-            k = tl.load(k_ptrs + start_n * skn, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * svn, mask=d_ok[None, :], other=0.0)
-        else:
-            key_ok = (start_n + offs_n) < n_k
-            k = tl.load(k_ptrs + start_n * skn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * svn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    n_iter = count * SUBS
+    next_block = tl.load(index_row)  # every layout row has at least one entry (0 when empty)
+    for it in range(0, n_iter):
+        start_n, next_block = _next_start(index_row, next_block, it, n_iter, SUBS, BK, BLOCK_N)
+        key_ok = (start_n + offs_n) < n_k
+        k = _load_tile(K_DESC, k_ptrs + start_n * skn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
+        v = _load_tile(V_DESC, v_ptrs + start_n * svn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
         if not EVEN_K:
             # A zero key scores 0, and exp2(0 − LSE2) may overflow when every real score is very
@@ -289,6 +315,24 @@ def _precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+def _tma_descriptors(tensors, rows: int, d_pad: int, interpreted: bool):
+    """TMA descriptors with [1, 1, rows, d_pad] boxes for [B, H, N, D] tensors, or None when any of
+    them cannot take one: TMA needs sm90+ (or the interpreter), a unit stride over D, 16-byte
+    aligned other strides and base. The pointer path serves the rest (e.g. Ampere, odd strides)."""
+    if d_pad not in TMA_HEAD_DIMS:
+        return None
+    if not interpreted:
+        device = tensors[0].device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+            return None
+    for t in tensors:
+        size = t.element_size()
+        if (t.stride(-1) != 1 or t.data_ptr() % 16
+                or any(st <= 0 or st * size % 16 for st in t.stride()[:-1])):
+            return None
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad]) for t in tensors]
+
+
 def _layout_strides(t: torch.Tensor) -> tuple[int, int, int]:
     """Strides of a [Bm, Hm, M(, ...)] layout tensor over (batch, head, block); 0 where broadcast."""
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
@@ -310,13 +354,14 @@ def forward(
     out = _alloc(q.shape, q.dtype, q.device)
     lse2 = _alloc((bsz, heads, n_q), torch.float32, q.device)
     grid = (triton.cdiv(n_q, block_m), bsz * heads)
+    descs = _tma_descriptors((k, v), block_n, d_pad, interpreted)
     _forward_kernel[grid](
-        q, k, v, out, lse2, kv_count, kv_index,
+        q, k, v, out, lse2, *(descs or (k, v)), kv_count, kv_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_layout_strides(kv_count), *_layout_strides(kv_index),
         heads, n_q, n_k, d, scale * LOG2E,
         BQ=bq, BK=bk, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, EVEN_K=n_k % bk == 0,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q.dtype), USE_TMA=descs is not None, num_warps=warps, num_stages=stages,
     )
     return out, lse2
 
@@ -348,24 +393,26 @@ def backward(
     dv = _alloc(v.shape, v.dtype, v.device)
     block_n1, block_m1, warps, stages = _config(DKDV_CONFIGS, q.dtype, d_pad, interpreted, dkdv_config)
     block_n1, block_m1 = fit_tile(block_n1, bk), fit_tile(block_m1, bq)
+    descs = _tma_descriptors((q, grad_out), block_m1, d_pad, interpreted)
     _dkdv_kernel[(triton.cdiv(n_k, block_n1), bsz * heads)](
-        q, k, v, grad_out, dk, dv, lse2, delta, q_count, q_index,
+        q, k, v, grad_out, dk, dv, lse2, delta, *(descs or (q, grad_out)), q_count, q_index,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *_layout_strides(q_count), *_layout_strides(q_index),
         heads, n_q, n_k, d, scale, qk_scale,
         BQ=bq, BK=bk, BLOCK_N=block_n1, BLOCK_M=block_m1, D_PAD=d_pad, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        USE_TMA=descs is not None, num_warps=warps, num_stages=stages,
     )
 
     dq = _alloc(q.shape, q.dtype, q.device)
     block_m2, block_n2, warps, stages = _config(DQ_CONFIGS, q.dtype, d_pad, interpreted, dq_config)
     block_m2, block_n2 = fit_tile(block_m2, bq), fit_tile(block_n2, bk)
+    descs = _tma_descriptors((k, v), block_n2, d_pad, interpreted)
     _dq_kernel[(triton.cdiv(n_q, block_m2), bsz * heads)](
-        q, k, v, grad_out, dq, lse2, delta, kv_count, kv_index,
+        q, k, v, grad_out, dq, lse2, delta, *(descs or (k, v)), kv_count, kv_index,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         *_layout_strides(kv_count), *_layout_strides(kv_index),
         heads, n_q, n_k, d, scale, qk_scale,
         BQ=bq, BK=bk, BLOCK_M=block_m2, BLOCK_N=block_n2, D_PAD=d_pad, EVEN_K=n_k % bk == 0,
-        PRECISION=precision, num_warps=warps, num_stages=stages,
+        PRECISION=precision, USE_TMA=descs is not None, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
