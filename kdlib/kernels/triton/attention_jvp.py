@@ -18,7 +18,9 @@ The softmax uses exp2 with log2(e) folded into the score scale.
 
 Head dims that are not powers of two are padded to the next one inside the kernel with masked
 loads (zeros in the padding leave every dot product unchanged). Any Nq, Nk: the last key block is
-masked, query rows past Nq are neither stored nor allowed to fault.
+masked, query rows past Nq are neither stored nor allowed to fault. On sm90+ the key-side tiles of
+16-bit inputs (K, tK, V, tV) load through TMA descriptors instead of pointers where the head dim
+and strides allow (``tma_capable``); the descriptors zero-fill past Nk and past D, as the masks do.
 """
 
 from __future__ import annotations

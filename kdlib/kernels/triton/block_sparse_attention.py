@@ -20,6 +20,10 @@ both recomputing P = exp2(scale·log2e·QKᵀ − LSE2).
 Head dims that are not powers of two are padded inside the kernel with masked loads (zeros leave
 every dot product unchanged). Any Nq, Nk: the partial last key block is masked in the forward and
 in dQ; the dK/dV rows of keys past Nk are never stored; query rows past Nq read LSE2 = +inf (P = 0).
+
+Loads: on sm90+ at head dims in ``TMA_HEAD_DIMS`` the walked tiles (K/V in the forward and dQ, Q/dO
+in dK/dV) come through TMA descriptors, which zero-fill past N and D as the masks do; elsewhere
+masked pointers. Every tile loop reads its next listed block one iteration ahead (``_next_start``).
 """
 
 from __future__ import annotations
