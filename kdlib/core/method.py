@@ -118,6 +118,19 @@ class Method:
         sCM's adaptive loss weight with the student). They must not appear in ``update_groups``."""
         return []
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """State outside the trainable modules that an exact resume needs (a cache of teacher
+        samples, an adaptive schedule): name -> tensor. The Trainer checkpoints it per process and
+        hands it back to ``load_state_tensors`` on resume. Default: none."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``state_tensors`` returned (same names, on the CPU), before the first step
+        of a resumed run. An empty dict means the checkpoint holds none for this process (written
+        before the method kept state, or by another number of processes): start afresh."""
+        if tensors:
+            raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint has {sorted(tensors)}")
+
     def loss(
         self, batch: dict[str, torch.Tensor], group: str
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:

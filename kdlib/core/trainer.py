@@ -213,13 +213,22 @@ class Trainer:
         meta["ema_decays"] = self.method.student.ema_decays
         return tensors, meta
 
+    def _rank_tensors(self) -> dict[str, torch.Tensor]:
+        """This process's own part of a checkpoint: its torch RNG streams (rank 0's are also the
+        main state) and the method's state (``Method.state_tensors``: caches differ per rank)."""
+        rank = self.dist.rank
+        tensors = torch_rng_tensors(f"rng/rank{rank}/") if rank else {}
+        for key, value in self.method.state_tensors().items():
+            tensors[f"method/rank{rank}/{key}"] = value.detach().to("cpu")
+        return tensors
+
     def save(self) -> None:
-        # Every rank takes part; rank 0's own streams are the checkpoint's main RNG state.
-        ranks_rng = distributed.gather_to_main(torch_rng_tensors(f"rng/rank{self.dist.rank}/"))
+        # Every rank takes part: each sends its own RNG streams and method state to rank 0.
+        ranks = distributed.gather_to_main(self._rank_tensors())
         if self.dist.is_main:
             tensors, meta = self.state_tensors()
             meta["rng"]["world_size"] = self.dist.world_size
-            for states in ranks_rng[1:]:
+            for states in ranks:
                 tensors.update(states)
             directory = self.stage_dir / "checkpoints"
             ckpt.save_checkpoint(directory, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
@@ -249,6 +258,7 @@ class Trainer:
             self._load_module(ema, f"ema/{i}/", tensors)
         restore_rng(meta["rng"], tensors)
         self._restore_rank_rng(meta["rng"], tensors, found.path, found.step)
+        self._restore_method_state(meta["rng"], tensors, found.path)
         self.order.load_state(meta["data_order"])
         self.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
         self.step = found.step
@@ -269,6 +279,18 @@ class Trainer:
             f"{self.dist.world_size}: rank {rank} continues on a fresh random stream, so the resumed run "
             "is not bit-identical to an uninterrupted one", RuntimeWarning, stacklevel=2)
         seed_rank(self.seed + step, rank, self.description)
+
+    def _restore_method_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+        prefix = f"method/rank{self.dist.rank}/"
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        written_by = meta.get("world_size", 1)
+        if written_by != self.dist.world_size and any(k.startswith("method/") for k in tensors):
+            warnings.warn(
+                f"{path} was written by {written_by} process(es), this run has {self.dist.world_size}: "
+                f"the method {self.method.name!r} starts its state (e.g. cached teacher samples) afresh",
+                RuntimeWarning, stacklevel=2)
+            state = {}
+        self.method.load_state_tensors(state)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:

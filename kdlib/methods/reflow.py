@@ -27,8 +27,8 @@ student as the teacher's network seen through ``ReparameterisedNet``).
 Couplings are generated on the fly from the batch's condition (its ``x`` gives only the shape):
 the papers pre-generate a fixed set of pairs; here each batch of pairs costs K teacher calls and
 serves ``refresh_every`` batches with fresh times (the teacher cost falls by that factor, at the
-price of correlated batches). The pairs are not checkpointed: a resumed run draws new ones first
-(with ``refresh_every: 1`` the resume is exact, every draw coming from the checkpointed RNG).
+price of correlated batches). The pairs being served are checkpointed (``state_tensors``), so a
+resumed run continues exactly as an uninterrupted one.
 Not implemented: LPIPS (image-specific; the pseudo-Huber premetric is the domain-agnostic one) and
 Lee et al.'s real-data pairs from teacher inversion.
 
@@ -116,6 +116,23 @@ class Reflow(Method):
     def update_groups(self, step: int) -> list[str]:
         self.step = step
         return ["student"]
+
+    # -- resume -----------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self._pairs is None:
+            return {}
+        served, z, x, cond = self._pairs
+        return {"pairs/served": torch.tensor(served), "pairs/z": z, "pairs/x": x,
+                **{f"pairs/cond/{k}": v for k, v in cond.items()}}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            self._pairs = None
+            return
+        device = next(self.student.model.parameters()).device
+        cond = {k[len("pairs/cond/"):]: v.to(device) for k, v in tensors.items() if k.startswith("pairs/cond/")}
+        self._pairs = (int(tensors["pairs/served"]), tensors["pairs/z"].to(device), tensors["pairs/x"].to(device),
+                       cond)
 
     # -- the pieces -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,9 +9,9 @@ the loss still improves quickly (``kdlib.objectives.TAID``, paper eq. 5–7 and 
 once per optimizer step, from the previous step's TAID loss. Defaults as in the paper's recipe:
 λ 0.4 -> 1.0, rate 5e-4, momentum 0.99, T = 1, hard_weight 0.
 
-Resume: λ's adaptive state is not in checkpoints (the Trainer saves trainable modules only); a
-resumed run restarts the adaptive part from the linear floor at its step, so set
-``adaptive: false`` where bit-exact resume matters.
+Resume: λ's adaptive state (the schedule's buffers, the last step and its not yet applied mean
+loss) is checkpointed through ``state_tensors``, so a resumed run follows the same λ as an
+uninterrupted one. A checkpoint without it (older runs) rejoins the linear floor at its step.
 """
 
 from __future__ import annotations
@@ -60,6 +60,22 @@ class TAIDKD(Method):
             self.taid.step(float("nan"))
         self._last_step, self._step_losses = step, []
         return super().update_groups(step)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"taid/{k}": v for k, v in self.taid.state_dict().items()}
+        if self._last_step is not None:
+            state["last_step"] = torch.tensor(self._last_step)
+            if self._step_losses:  # the mean update_groups applies at the next step
+                state["pending_loss"] = torch.stack(self._step_losses).mean().detach()
+        return state
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return  # update_groups rejoins the linear floor (see the module docstring)
+        self.taid.load_state_dict({k[len("taid/"):]: v for k, v in tensors.items() if k.startswith("taid/")})
+        if "last_step" in tensors:
+            self._last_step = int(tensors["last_step"])
+            self._step_losses = [tensors["pending_loss"]] if "pending_loss" in tensors else []
 
     def loss(self, batch: dict[str, torch.Tensor], group: str) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.student(batch["x"])

@@ -15,8 +15,8 @@ sees exactly the states it meets when sampling: no real data, no forward noising
 between training and inference inputs. Compared with LCM-style CD a trajectory costs N teacher
 NFE instead of one; ``refresh_every`` reuses one batch of trajectories (and the condition it was
 drawn with) for that many steps, drawing fresh pair indices each step: the teacher cost falls by
-that factor at the price of correlated batches. The cache is not checkpointed: on resume the first
-step draws new trajectories. Memory: (N + 1)·B states.
+that factor at the price of correlated batches. The cache is checkpointed (``state_tensors``), so a
+resumed run serves the same trajectories an uninterrupted one would. Memory: (N + 1)·B states.
 
 The batch's ``x`` is used only for its shape (and device/dtype); the other keys are the
 condition the trajectories are sampled under (e.g. class labels), so a recipe's data loader still
@@ -55,6 +55,21 @@ class TBCM(ConsistencyFamily):
         super().__init__(config, student, teacher)
         check_range(self.name, "refresh_every", config.refresh_every, 1)
         self._cache: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self._cache is None:
+            return {}
+        step, states, cond = self._cache
+        return {"cache/step": torch.tensor(step), "cache/states": states,
+                **{f"cache/cond/{k}": v for k, v in cond.items()}}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            self._cache = None
+            return
+        device = next(self.student.model.parameters()).device
+        cond = {k[len("cache/cond/"):]: v.to(device) for k, v in tensors.items() if k.startswith("cache/cond/")}
+        self._cache = (int(tensors["cache/step"]), tensors["cache/states"].to(device), cond)
 
     @torch.no_grad()
     def trajectory(self, like: torch.Tensor, cond: dict[str, torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
