@@ -31,8 +31,8 @@ m is reflow's premetric (pseudo-Huber, c = 0.00054·√D, or l2); the paper's LP
 and not used. Both phases run in one training run with one optimizer and learning-rate schedule
 (the paper restarts them; here phase 2 continues from phase 1's optimizer state).
 
-The guide is a parameter group (``slimflow_guide``) that is never updated: that is how its weights
-reach the checkpoints, so a run resumed in phase 2 continues with the same v₂ (its buffer
+The guide is method state (``state_tensors``, keys ``guide/...``), not a parameter group: its
+weights reach the checkpoints, so a run resumed in phase 2 continues with the same v₂ (its buffer
 ``taken`` records that the copy was made). The student is usually smaller than the teacher (a
 domain option such as the image domain's ``model.student_hidden``), so ``init_from_teacher``
 defaults to false; with ``reflow_steps: 0`` the guide is the student's starting point.
@@ -140,9 +140,17 @@ class SlimFlow(Reflow):
             raise ValueError(f"{name}: guide_split must be [s_lo, s_hi] with 0 <= s_lo <= s_hi <= 1; got {split!r}")
         self.guide = GuideSnapshot(student.model)
 
-    def trainable_modules(self):
-        # The guide is never in update_groups: listed only so its weights are checkpointed.
-        return {"student": self.student.model, "slimflow_guide": self.guide}
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = super().state_tensors()
+        if self.guide.is_taken:
+            state.update({f"guide/{k}": v for k, v in self.guide.state_dict().items()})
+        return state
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("guide/")})
+        guide = {k[len("guide/"):]: v for k, v in tensors.items() if k.startswith("guide/")}
+        if guide:
+            self.guide.load_state_dict(guide)
 
     def update_groups(self, step: int) -> list[str]:
         if step >= self.config.reflow_steps and not self.guide.is_taken:
