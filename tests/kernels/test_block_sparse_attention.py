@@ -168,8 +168,8 @@ def test_tma_and_pointer_paths(layout, poisoned):
     to_input = (lambda t: t.float()) if layout == "contiguous" else _stride_two
     leaves = [to_input(t).detach().requires_grad_() for t in (q, k, v)]
     tma_capable = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
-    descs = triton_impl._tma_descriptors(leaves[1:], 32, 128, interpreted=DEVICE == "cpu")
-    assert (descs is not None) == (layout == "contiguous" and tma_capable)
+    _, use_tma = triton_impl._walked(leaves[1:], 32, 128, interpreted=DEVICE == "cpu")
+    assert use_tma == (layout == "contiguous" and tma_capable)
     mask = random_mask(1, 2, 3, 3, 0.6, seed=5)
     out = block_sparse_attention(*leaves, mask, block_size=32, backend="triton")
     out.backward(to_input(grad))

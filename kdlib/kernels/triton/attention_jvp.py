@@ -20,7 +20,8 @@ Head dims that are not powers of two are padded to the next one inside the kerne
 loads (zeros in the padding leave every dot product unchanged). Any Nq, Nk: the last key block is
 masked, query rows past Nq are neither stored nor allowed to fault. On sm90+ the key-side tiles of
 16-bit inputs (K, tK, V, tV) load through TMA descriptors instead of pointers where the head dim
-and strides allow (``tma_capable``); the descriptors zero-fill past Nk and past D, as the masks do.
+(``TMA_CONFIGS``) and strides (``_tma.tma_ready``) allow; the descriptors zero-fill past Nk and
+past D, as the masks do.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kdlib.kernels.triton._tma import descriptors, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -219,20 +221,6 @@ def padded_head_dim(d: int) -> int:
     return max(32, triton.next_power_of_2(d))
 
 
-def tma_capable(tensors, d_pad: int, interpreted: bool) -> bool:
-    """Whether the key-side tiles can load through TMA: 16-bit inputs at a head dim of TMA_CONFIGS,
-    sm90+ (or the interpreter), unit stride over D, 16-byte aligned base and other strides."""
-    if d_pad not in TMA_CONFIGS or tensors[0].dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if not interpreted:
-        device = tensors[0].device
-        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-            return False
-    size = tensors[0].element_size()
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0
-               for st in t.stride()[:-1]) for t in tensors)
-
-
 def attention_jvp_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -255,7 +243,9 @@ def attention_jvp_triton(
     n_k = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     d_pad = padded_head_dim(d)
-    use_tma = tma_capable((k, tk, v, tv), d_pad, interpreted)
+    key_side = (k, tk, v, tv)
+    use_tma = (d_pad in TMA_CONFIGS and q.dtype in (torch.float16, torch.bfloat16)
+               and tma_ready(key_side, interpreted=interpreted))
     if config is None:
         if interpreted:
             config = INTERPRETER_CONFIG
@@ -266,17 +256,14 @@ def attention_jvp_triton(
         else:
             config = GPU_CONFIGS[d_pad] if causal else GPU_CONFIGS_NONCAUSAL.get(d_pad, GPU_CONFIGS[d_pad])
     block_m, block_n, num_warps, num_stages = config
-    if use_tma:
-        descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d_pad]) for t in (k, tk, v, tv)]
-    else:
-        descs = [k, tk, v, tv]  # unused
+    key_args = descriptors(key_side, block_n, d_pad) if use_tma else key_side
 
     out = _alloc(q.shape, q.dtype, q.device)
     tangent = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc((bsz, heads, n_q), torch.float32, q.device)
     grid = (triton.cdiv(n_q, block_m), bsz * heads)
     _attention_jvp_kernel[grid](
-        q, k, v, tq, tk, tv, out, tangent, lse, *descs,
+        q, k, v, tq, tk, tv, out, tangent, lse, *key_args,
         *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
         *out.stride(), *tangent.stride(),
         heads, n_q, n_k, d, scale,

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kdlib.kernels.triton._tma import descriptors, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -319,22 +320,12 @@ def _precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def _tma_descriptors(tensors, rows: int, d_pad: int, interpreted: bool):
-    """TMA descriptors with [1, 1, rows, d_pad] boxes for [B, H, N, D] tensors, or None when any of
-    them cannot take one: TMA needs sm90+ (or the interpreter), a unit stride over D, 16-byte
-    aligned other strides and base. The pointer path serves the rest (e.g. Ampere, odd strides)."""
-    if d_pad not in TMA_HEAD_DIMS:
-        return None
-    if not interpreted:
-        device = tensors[0].device
-        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-            return None
-    for t in tensors:
-        size = t.element_size()
-        if (t.stride(-1) != 1 or t.data_ptr() % 16
-                or any(st <= 0 or st * size % 16 for st in t.stride()[:-1])):
-            return None
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad]) for t in tensors]
+def _walked(tensors, rows: int, d_pad: int, interpreted: bool) -> tuple[list, bool]:
+    """The operands a kernel walks tile by tile, as TMA descriptors where the head dim (``TMA_HEAD_DIMS``)
+    and the tensors allow, else as themselves (pointer loads); and whether TMA is used."""
+    if d_pad in TMA_HEAD_DIMS and tma_ready(tensors, interpreted=interpreted):
+        return descriptors(tensors, rows, d_pad), True
+    return list(tensors), False
 
 
 def _layout_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -358,14 +349,14 @@ def forward(
     out = _alloc(q.shape, q.dtype, q.device)
     lse2 = _alloc((bsz, heads, n_q), torch.float32, q.device)
     grid = (triton.cdiv(n_q, block_m), bsz * heads)
-    descs = _tma_descriptors((k, v), block_n, d_pad, interpreted)
+    walked, use_tma = _walked((k, v), block_n, d_pad, interpreted)
     _forward_kernel[grid](
-        q, k, v, out, lse2, *(descs or (k, v)), kv_count, kv_index,
+        q, k, v, out, lse2, *walked, kv_count, kv_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_layout_strides(kv_count), *_layout_strides(kv_index),
         heads, n_q, n_k, d, scale * LOG2E,
         BQ=bq, BK=bk, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, EVEN_K=n_k % bk == 0,
-        PRECISION=_precision(q.dtype), USE_TMA=descs is not None, num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q.dtype), USE_TMA=use_tma, num_warps=warps, num_stages=stages,
     )
     return out, lse2
 
@@ -397,26 +388,26 @@ def backward(
     dv = _alloc(v.shape, v.dtype, v.device)
     block_n1, block_m1, warps, stages = _config(DKDV_CONFIGS, q.dtype, d_pad, interpreted, dkdv_config)
     block_n1, block_m1 = fit_tile(block_n1, bk), fit_tile(block_m1, bq)
-    descs = _tma_descriptors((q, grad_out), block_m1, d_pad, interpreted)
+    walked, use_tma = _walked((q, grad_out), block_m1, d_pad, interpreted)
     _dkdv_kernel[(triton.cdiv(n_k, block_n1), bsz * heads)](
-        q, k, v, grad_out, dk, dv, lse2, delta, *(descs or (q, grad_out)), q_count, q_index,
+        q, k, v, grad_out, dk, dv, lse2, delta, *walked, q_count, q_index,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *_layout_strides(q_count), *_layout_strides(q_index),
         heads, n_q, n_k, d, scale, qk_scale,
         BQ=bq, BK=bk, BLOCK_N=block_n1, BLOCK_M=block_m1, D_PAD=d_pad, PRECISION=precision,
-        USE_TMA=descs is not None, num_warps=warps, num_stages=stages,
+        USE_TMA=use_tma, num_warps=warps, num_stages=stages,
     )
 
     dq = _alloc(q.shape, q.dtype, q.device)
     block_m2, block_n2, warps, stages = _config(DQ_CONFIGS, q.dtype, d_pad, interpreted, dq_config)
     block_m2, block_n2 = fit_tile(block_m2, bq), fit_tile(block_n2, bk)
-    descs = _tma_descriptors((k, v), block_n2, d_pad, interpreted)
+    walked, use_tma = _walked((k, v), block_n2, d_pad, interpreted)
     _dq_kernel[(triton.cdiv(n_q, block_m2), bsz * heads)](
-        q, k, v, grad_out, dq, lse2, delta, *(descs or (k, v)), kv_count, kv_index,
+        q, k, v, grad_out, dq, lse2, delta, *walked, kv_count, kv_index,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         *_layout_strides(kv_count), *_layout_strides(kv_index),
         heads, n_q, n_k, d, scale, qk_scale,
         BQ=bq, BK=bk, BLOCK_M=block_m2, BLOCK_N=block_n2, D_PAD=d_pad, EVEN_K=n_k % bk == 0,
-        PRECISION=precision, USE_TMA=descs is not None, num_warps=warps, num_stages=stages,
+        PRECISION=precision, USE_TMA=use_tma, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
