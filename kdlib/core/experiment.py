@@ -224,10 +224,11 @@ class Experiment:
             self.domain.load_teacher_weights(teacher_model, cfg.teacher.path)
         elif not self.domain.teacher_is_pretrained:
             load_weights(teacher_model, self.run_dir / "teacher.safetensors")
-        teacher_model.to(self.device)
+        # In the dtype the run evaluated it in (teacher.dtype), not the fp32 it was loaded in.
+        teacher = Teacher(teacher_model, device=self.device, dtype=DTYPES[cfg.teacher.dtype])
         results: dict[str, Any] = {
-            "teacher": self.evaluate_models({"teacher": teacher_model}),
-            "params": {"teacher": _count(teacher_model), "student": _count(self.domain.build_student())},
+            "teacher": self.evaluate_models({"teacher": teacher.model}),
+            "params": {"teacher": _count(teacher.model), "student": _count(self.domain.build_student())},
             "seeds": {},
         }
         for seed in cfg.seeds:

@@ -63,8 +63,9 @@ def test_resume_and_eval_need_a_run_dir(tmp_path, capsys, cmd):
 def test_distill_then_eval_end_to_end(tmp_path):
     """A short real run: teacher trained, student distilled and baseline trained, report written,
     and ``kdlib eval`` reproduces the stored results from the run directory alone."""
+    # teacher.dtype=bf16: the teacher is distilled from and evaluated in bf16, by the run and by eval
     args = ["seeds=[0,1]", "teacher.train.steps=60", "train.steps=40", "train.eval_every=20",
-            "train.progress=false", "teacher.train.progress=false", "name=e2e"]
+            "train.progress=false", "teacher.train.progress=false", "teacher.dtype=bf16", "name=e2e"]
     command = [sys.executable, "-m", "kdlib.cli", "distill", "image", "--recipe", "classifier-kd", *args]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
@@ -81,6 +82,7 @@ def test_distill_then_eval_end_to_end(tmp_path):
     from kdlib.core.experiment import Experiment
 
     again = Experiment(run_dir).evaluate_saved()
+    assert again["teacher"] == pytest.approx(stored["teacher"], abs=1e-6)
     for method, stats in stored["summary"].items():
         for key, s in stats.items():
             assert again["summary"][method][key]["mean"] == pytest.approx(s["mean"], abs=1e-6), key
