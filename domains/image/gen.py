@@ -73,9 +73,9 @@ class ImageGenModelConfig:
     student_param: str = ""
     image_shape: list[int] = field(default_factory=lambda: list(DIGITS_SHAPE))  # [C, H, W]
     num_classes: int = 10  # class-conditional on labels 0..n-1; 0: unconditional
-    teacher_format: str = "kdlib"  # kdlib (MLPDenoiser) | diffusers (UNet2DModel + scheduler folder)
+    teacher_format: str = "kdlib"  # kdlib (MLPDenoiser) | diffusers (UNet2DModel or DiTTransformer2DModel + scheduler)
     diffusers_folder: str = ""
-    diffusers_null_class: int = -1  # class index the diffusers UNet uses as "no class" (-1: none)
+    diffusers_null_class: int = -1  # class index the diffusers net uses as "no class" (-1: none; a DiT's CFG row)
     hidden: int = 256
     blocks: int = 4
     # A smaller student network than the teacher (0: the teacher's width / depth), e.g. SlimFlow's;

@@ -2,8 +2,10 @@
 with diffusers alone.
 
     out/
-        model_index.json                 DDPMPipeline (unconditional UNets sample with its __call__)
-        unet/                            UNet2DModel config + safetensors weights
+        model_index.json                 DDPMPipeline (unconditional UNets sample with its __call__);
+                                         none for a DiT: diffusers' only DiT pipeline needs a VAE,
+                                         this one works on pixels (``sample_exported`` samples it)
+        unet/ or transformer/            UNet2DModel / DiTTransformer2DModel config + safetensors weights
         scheduler/scheduler_config.json  LCMScheduler (discrete VP) or FlowMatchEulerDiscreteScheduler
                                          (fm, stochastic_sampling: consistency re-noising), plus
                                          kdlib_student_timesteps: {"<n>": [timesteps of n-step sampling]},
@@ -21,7 +23,14 @@ from pathlib import Path
 import torch
 
 from kdlib.diffusion.consistency import ConsistencyModel, default_times
-from kdlib.diffusion.diffusers_io import DiffusersUNet, LCMConsistencyModel, require_diffusers
+from kdlib.diffusion.diffusers_io import (
+    MODEL_FOLDERS,
+    DiffusersNet,
+    LCMConsistencyModel,
+    denoiser_output,
+    locate,
+    require_diffusers,
+)
 from kdlib.diffusion.param import DiscreteVP
 
 KDLIB_KEYS = ("kdlib_student_timesteps", "kdlib_parameterisation", "kdlib_null_class")
@@ -37,7 +46,7 @@ def student_timesteps(model: ConsistencyModel, steps: list[int]) -> dict[str, li
 def _scheduler(model: ConsistencyModel):
     from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
-    net: DiffusersUNet = model.net
+    net: DiffusersNet = model.net
     base = {k: v for k, v in net.scheduler_config.items() if not k.startswith("_") and k not in KDLIB_KEYS}
     if isinstance(model.param, DiscreteVP):
         if not isinstance(model, LCMConsistencyModel):
@@ -57,19 +66,23 @@ def _scheduler(model: ConsistencyModel):
 
 def export_diffusers(model: torch.nn.Module, out_dir: str | Path,
                      steps: list[int] | tuple[int, ...] = (1, 2, 4)) -> Path:
-    """Write ``model`` (a ConsistencyModel whose network is a ``DiffusersUNet``) as a diffusers
-    pipeline folder; ``steps``: the step counts whose timesteps go into the scheduler config."""
+    """Write ``model`` (a ConsistencyModel whose network is a ``DiffusersNet``) as a diffusers
+    folder; ``steps``: the step counts whose timesteps go into the scheduler config."""
     require_diffusers()
     from diffusers import DDPMPipeline
 
-    if not isinstance(model, ConsistencyModel) or not isinstance(model.net, DiffusersUNet):
+    if not isinstance(model, ConsistencyModel) or not isinstance(model.net, DiffusersNet):
         inner = type(getattr(model, "net", model)).__name__
-        raise TypeError(f"export to diffusers needs a consistency student built on a diffusers UNet2DModel "
-                        f"(model.teacher_format: diffusers); this student's network is a {inner}")
+        raise TypeError(f"export to diffusers needs a consistency student built on a diffusers UNet2DModel or "
+                        f"DiTTransformer2DModel (model.teacher_format: diffusers); this student's network is a {inner}")
     scheduler = _scheduler(model)
     out = Path(out_dir)
-    unet = model.net.unet
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    network = model.net.unet
+    if model.net.is_transformer:
+        network.save_pretrained(str(out / MODEL_FOLDERS[type(network).__name__]), safe_serialization=True)
+        scheduler.save_pretrained(str(out / "scheduler"))
+    else:
+        DDPMPipeline(unet=network, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     config_path = out / "scheduler" / "scheduler_config.json"
     config = json.loads(config_path.read_text())
     config.update(kdlib_student_timesteps=student_timesteps(model, list(steps)),
@@ -81,14 +94,22 @@ def export_diffusers(model: torch.nn.Module, out_dir: str | Path,
 @torch.no_grad()
 def sample_exported(folder: str | Path, noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
                     class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Samples [B, C, H, W] of an exported student with diffusers only (UNet2DModel + its
-    scheduler, the n-step timesteps from ``kdlib_student_timesteps``): the loop of DDPMPipeline,
-    plus class labels. noise: [B, C, H, W], the initial state as the scheduler expects it."""
+    """Samples [B, C, H, W] of an exported student with diffusers only (its UNet2DModel or
+    DiTTransformer2DModel and scheduler, the n-step timesteps from ``kdlib_student_timesteps``):
+    the loop of DDPMPipeline, plus class labels. noise: [B, C, H, W], the initial state as the
+    scheduler expects it. A DiT takes its classifier-free-guidance row where labels are None."""
     require_diffusers()
-    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler, UNet2DModel
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     folder = Path(folder)
-    unet = UNet2DModel.from_pretrained(str(folder / "unet"), local_files_only=True).eval()
+    model_dir, _ = locate(folder)
+    class_name = json.loads((model_dir / "config.json").read_text())["_class_name"]
+    network = getattr(diffusers, class_name).from_pretrained(str(model_dir), local_files_only=True).eval()
+    learned_sigma = class_name == "DiTTransformer2DModel" and (
+        (network.config.out_channels or network.config.in_channels) == 2 * network.config.in_channels)
+    if class_name == "DiTTransformer2DModel" and class_labels is None:
+        class_labels = torch.full((noise.shape[0],), network.config.num_embeds_ada_norm, dtype=torch.long)
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     grid = config["kdlib_student_timesteps"].get(str(steps))
     if grid is None:
@@ -102,6 +123,7 @@ def sample_exported(folder: str | Path, noise: torch.Tensor, steps: int, generat
         scheduler.set_timesteps(sigmas=[k / scheduler.config.num_train_timesteps for k in grid], device=noise.device)
     x = noise
     for t in scheduler.timesteps:
-        pred = unet(x, t, class_labels=class_labels).sample
+        step_t = t.expand(x.shape[0])  # a DiT's timestep embedding wants one per sample
+        pred = denoiser_output(network(x, step_t, class_labels=class_labels).sample, x.shape[1], learned_sigma)
         x = scheduler.step(pred, t, x, generator=generator).prev_sample
     return x

@@ -1,10 +1,11 @@
-"""Diffusers models as kdlib networks: a local ``UNet2DModel`` folder and its scheduler become a
-``net(x, t, y=None) -> prediction`` in the matching kdlib parameterisation, and a few-step
-consistency student built on the same UNet. Export back to diffusers: ``kdlib.diffusion.diffusers_export``.
+"""Diffusers models as kdlib networks: a local ``UNet2DModel`` or ``DiTTransformer2DModel``
+folder and its scheduler become a ``net(x, t, y=None) -> prediction`` in the matching kdlib
+parameterisation, and a few-step consistency student built on the same network. Export back to
+diffusers: ``kdlib.diffusion.diffusers_export``.
 
 Schedulers and the parameterisation they imply (the noise levels agree exactly):
 
-| scheduler                                              | kdlib param                       | UNet timestep |
+| scheduler                                              | kdlib param                       | net timestep  |
 |--------------------------------------------------------|-----------------------------------|---------------|
 | DDPM, DDIM, LCM, Euler (discrete), ...: epsilon / v    | ``ddpm-eps`` / ``ddpm-v`` (their ᾱ) | k = t·(T−1)   |
 | FlowMatchEulerDiscreteScheduler                         | ``fm``                            | t·T           |
@@ -31,6 +32,8 @@ DISCRETE_VP_SCHEDULERS = (
     "DPMSolverMultistepScheduler", "PNDMScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
 )
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+# The denoisers kdlib loads, and the folder a diffusers pipeline keeps each in.
+MODEL_FOLDERS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
 
 
 def require_diffusers():
@@ -48,7 +51,7 @@ class UnsupportedScheduler(ValueError):
 
 def parameterisation_from_scheduler(config: dict[str, Any]) -> tuple[Parameterisation, str]:
     """(parameterisation, time map) of a diffusers scheduler config; the time map ("discrete",
-    "flow" or "edm") says how a kdlib network time becomes the UNet's timestep."""
+    "flow" or "edm") says how a kdlib network time becomes the diffusers network's timestep."""
     name = config.get("_class_name", "?")
     prediction = config.get("prediction_type", "epsilon")
     if name in DISCRETE_VP_SCHEDULERS:
@@ -80,14 +83,19 @@ def parameterisation_from_scheduler(config: dict[str, Any]) -> tuple[Parameteris
     raise UnsupportedScheduler(f"scheduler {name!r} has no kdlib parameterisation; supported: {supported}")
 
 
-class DiffusersUNet(nn.Module):
-    """A diffusers ``UNet2DModel`` as a kdlib network: forward(x [B, C, H, W], t [B], y [B] | None)
-    -> prediction [B, C, H, W] in ``parameterisation`` (ε, v, velocity or EDM's F).
+class DiffusersNet(nn.Module):
+    """A diffusers ``UNet2DModel`` or ``DiTTransformer2DModel`` as a kdlib network: forward(x [B, C,
+    H, W], t [B], y [B] | None) -> prediction [B, C, H, W] in ``parameterisation`` (ε, v, velocity
+    or EDM's F).
 
     t is what kdlib feeds networks (``param.model_input``); ``time_map`` turns it into the
-    diffusers timestep. y goes to ``class_labels`` when the UNet has class embeddings; labels < 0
-    (kdlib's null condition) or None become ``null_class`` (an error when it is None); an
-    unconditional UNet ignores y. ``scheduler_config`` is kept for the export."""
+    diffusers timestep. y goes to ``class_labels`` when the network is class-conditional (a UNet
+    with class embeddings; a DiT always); labels < 0 (kdlib's null condition) or None become
+    ``null_class`` (an error when it is None; a DiT's default is its classifier-free-guidance row,
+    index num_classes); an unconditional UNet ignores y. A DiT that also predicts the variance
+    (out_channels = 2·in_channels, "learned sigma") gives its first in_channels channels, as
+    diffusers' DiTPipeline uses them. ``scheduler_config`` is kept for the export. The network is
+    the attribute ``unet`` whatever its kind (the checkpoints' key names)."""
 
     def __init__(self, unet: nn.Module, scheduler_config: dict[str, Any], null_class: int | None = None):
         super().__init__()
@@ -98,8 +106,17 @@ class DiffusersUNet(nn.Module):
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        self.image_shape = (unet.config.in_channels, *size)
-        self.num_classes = unet.config.num_class_embeds or 0
+        channels = unet.config.in_channels
+        self.image_shape = (channels, *size)
+        self.is_transformer = type(unet).__name__ == "DiTTransformer2DModel"
+        if self.is_transformer:
+            self.num_classes = unet.config.num_embeds_ada_norm or 0
+            if null_class is None and self.num_classes:
+                self.null_class = self.num_classes  # DiT's label table ends with the CFG row
+            self.learned_sigma = (unet.config.out_channels or channels) == 2 * channels
+        else:
+            self.num_classes = unet.config.num_class_embeds or 0
+            self.learned_sigma = False
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The diffusers timestep [B] (float32) for kdlib network times t [B]."""
@@ -116,17 +133,28 @@ class DiffusersUNet(nn.Module):
             y = torch.full((batch,), -1, device=device, dtype=torch.long)
         if bool((y < 0).any()):
             if self.null_class is None:
-                raise ValueError("this diffusers UNet has no null class (null_class=None): it cannot run "
+                raise ValueError("this diffusers network has no null class (null_class=None): it cannot run "
                                  "unconditionally or with classifier-free guidance")
             y = torch.where(y < 0, torch.full_like(y, self.null_class), y)
         return y.long()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"diffusers UNet: expected images of shape {self.image_shape}, got {tuple(x.shape[1:])}")
+            raise ValueError(f"diffusers {type(self.unet).__name__}: expected images of shape {self.image_shape}, "
+                             f"got {tuple(x.shape[1:])}")
         t = t.expand(x.shape[0]) if t.dim() == 1 and t.shape[0] == 1 else t
         labels = self.class_labels(y, x.shape[0], x.device)
-        return self.unet(x, self.timestep(t).to(x.device), class_labels=labels).sample.to(x.dtype)
+        out = self.unet(x, self.timestep(t).to(x.device), class_labels=labels).sample
+        return denoiser_output(out, x.shape[1], self.learned_sigma).to(x.dtype)
+
+
+# The name before DiT teachers were supported; kept for imports.
+DiffusersUNet = DiffusersNet
+
+
+def denoiser_output(out: torch.Tensor, channels: int, learned_sigma: bool) -> torch.Tensor:
+    """The prediction [B, C, ...] of a diffusers denoiser's output: without a learned-variance half."""
+    return out[:, :channels] if learned_sigma else out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -137,14 +165,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def locate(folder: str | Path) -> tuple[Path, Path]:
-    """(UNet folder, scheduler config file) of a pipeline folder (``unet/``, ``scheduler/``) or
-    of a model folder holding ``config.json`` and ``scheduler_config.json`` side by side."""
+    """(model folder, scheduler config file) of a pipeline folder (``unet/`` or ``transformer/``,
+    ``scheduler/``) or of a model folder holding ``config.json`` and ``scheduler_config.json``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers folder {folder} does not exist")
-    unet_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
+    unet_dir = next((folder / sub for sub in MODEL_FOLDERS.values() if (folder / sub / "config.json").exists()),
+                    folder)
     if not (unet_dir / "config.json").exists():
-        raise FileNotFoundError(f"{folder} holds no UNet2DModel (no unet/config.json or config.json)")
+        raise FileNotFoundError(f"{folder} holds no diffusers denoiser (no unet/config.json, transformer/config.json "
+                                "or config.json)")
     for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json",
                       unet_dir.parent / "scheduler" / "scheduler_config.json"):
         if candidate.exists():
@@ -154,16 +184,17 @@ def locate(folder: str | Path) -> tuple[Path, Path]:
 
 
 def load_diffusers_teacher(folder: str | Path, expected_param: str | None = None,
-                           null_class: int | None = None) -> DiffusersUNet:
+                           null_class: int | None = None) -> DiffusersNet:
     """A local diffusers folder as a kdlib network. ``expected_param``: the recipe's
     parameterisation; a different one implied by the scheduler stops here, before any training."""
     require_diffusers()
-    from diffusers import UNet2DModel
+    import diffusers
 
     unet_dir, scheduler_file = locate(folder)
     config = _read_json(unet_dir / "config.json")
-    if config.get("_class_name") != "UNet2DModel":
-        raise ValueError(f"{unet_dir}: kdlib loads UNet2DModel teachers, found {config.get('_class_name')!r}")
+    class_name = config.get("_class_name")
+    if class_name not in MODEL_FOLDERS:
+        raise ValueError(f"{unet_dir}: kdlib loads {' or '.join(MODEL_FOLDERS)} teachers, found {class_name!r}")
     scheduler_config = _read_json(scheduler_file)
     param, _ = parameterisation_from_scheduler(scheduler_config)
     if expected_param is not None and expected_param != param.name:
@@ -171,8 +202,8 @@ def load_diffusers_teacher(folder: str | Path, expected_param: str | None = None
             f"parameterisation mismatch: the diffusers teacher's scheduler ({scheduler_config.get('_class_name')}, "
             f"prediction_type={scheduler_config.get('prediction_type', 'epsilon')!r}) is kdlib param {param.name!r}, "
             f"but the recipe says param={expected_param!r}; set model.param and method_args.param to {param.name!r}")
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
-    return DiffusersUNet(unet, scheduler_config, null_class=null_class)
+    unet = getattr(diffusers, class_name).from_pretrained(str(unet_dir), local_files_only=True)
+    return DiffusersNet(unet, scheduler_config, null_class=null_class)
 
 
 class LCMConsistencyModel(ConsistencyModel):
@@ -196,16 +227,14 @@ class LCMConsistencyModel(ConsistencyModel):
         return c_skip * x_t + c_out * x0
 
 
-def copy_architecture(net: DiffusersUNet) -> DiffusersUNet:
-    """A freshly initialised UNet of the same config (the student starts from the teacher's
-    weights through the method's ``init_from_teacher``)."""
-    from diffusers import UNet2DModel
-
-    return DiffusersUNet(UNet2DModel.from_config(net.unet.config), net.scheduler_config, net.null_class)
+def copy_architecture(net: DiffusersNet) -> DiffusersNet:
+    """A freshly initialised network of the same class and config (the student starts from the
+    teacher's weights through the method's ``init_from_teacher``)."""
+    return DiffusersNet(type(net.unet).from_config(net.unet.config), net.scheduler_config, net.null_class)
 
 
-def diffusers_consistency_student(teacher: DiffusersUNet) -> ConsistencyModel:
-    """The consistency student of a diffusers teacher: same UNet architecture; LCM's boundary on
+def diffusers_consistency_student(teacher: DiffusersNet) -> ConsistencyModel:
+    """The consistency student of a diffusers teacher: same architecture; LCM's boundary on
     a discrete VP schedule (so it exports to ``LCMScheduler``), fm's exact boundary for flows."""
     net = copy_architecture(teacher)
     if isinstance(net.param, DiscreteVP):

@@ -12,6 +12,7 @@ pytest.importorskip("diffusers", reason="diffusers interop tests need `pip insta
 from diffusers import (  # noqa: E402
     DDPMScheduler,
     DiffusionPipeline,
+    DiTTransformer2DModel,
     EDMEulerScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
@@ -39,8 +40,17 @@ def tiny_unet(num_class_embeds: int | None = None) -> UNet2DModel:
                        up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=num_class_embeds)
 
 
+def tiny_dit(learned_sigma: bool = True) -> DiTTransformer2DModel:
+    """A class-conditional DiT on 1×8×8 pixels (10 classes, + its CFG row), optionally predicting
+    the variance too (out_channels 2, as DiT checkpoints do)."""
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1,
+                                 out_channels=2 if learned_sigma else 1, num_layers=1, sample_size=8, patch_size=2,
+                                 num_embeds_ada_norm=10)
+
+
 def save(folder, unet, scheduler):
-    unet.save_pretrained(str(folder / "unet"))
+    sub = "transformer" if isinstance(unet, DiTTransformer2DModel) else "unet"
+    unet.save_pretrained(str(folder / sub))
     scheduler.save_pretrained(str(folder / "scheduler"))
     return folder
 
@@ -162,7 +172,54 @@ def test_flow_student_exports_and_non_diffusers_student_is_refused(tmp_path):
     one_step = sample_exported(out, noise, 1)
     # one step from pure noise at t = 1 is the consistency function itself
     torch.testing.assert_close(one_step, model(noise, torch.ones(2)), rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match="diffusers UNet2DModel.*Linear"):
+    with pytest.raises(TypeError, match="diffusers UNet2DModel or DiTTransformer2DModel.*Linear"):
         from kdlib.diffusion.param import get_parameterisation
 
         export_diffusers(ConsistencyModel(torch.nn.Linear(2, 2), get_parameterisation("fm")), tmp_path / "no")
+
+
+def test_dit_teacher_prediction_is_the_transformer_at_the_mapped_timestep(tmp_path):
+    torch.manual_seed(4)
+    folder = save(tmp_path / "dit", tiny_dit(), DDPMScheduler())
+    net = load_diffusers_teacher(folder, expected_param="ddpm-eps")
+    dit = DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), local_files_only=True)
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([0.0, 250 / 999, 1.0])
+    y = torch.tensor([3, -1, 9])  # -1: kdlib's null condition -> the DiT's CFG row, class 10
+    full = dit(x, torch.tensor([0.0, 250.0, 999.0]), class_labels=torch.tensor([3, 10, 9])).sample
+    assert full.shape == (3, 2, 8, 8)  # ε and the learned variance
+    torch.testing.assert_close(net(x, t, y=y), full[:, :1], rtol=0, atol=0)
+    assert net.image_shape == (1, 8, 8) and net.num_classes == 10 and net.null_class == 10
+
+
+@pytest.mark.parametrize("learned_sigma", [True, False])
+def test_dit_distill_export_reload_and_sample_with_diffusers(tmp_path, learned_sigma):
+    torch.manual_seed(5)
+    folder = save(tmp_path / "dit", tiny_dit(learned_sigma), DDPMScheduler())
+    teacher_net = load_diffusers_teacher(folder, "ddpm-eps")
+    student = Student(diffusers_consistency_student(teacher_net))
+    method = ConsistencyDistillation(ConsistencyDistillationConfig(param="ddpm-eps", num_intervals=10), student,
+                                     Teacher(teacher_net))
+    optimiser = torch.optim.Adam(student.model.parameters(), lr=1e-3)
+    batch = {"x": torch.rand(8, 1, 8, 8) * 2 - 1, "y": torch.arange(8) % 10}
+    for _ in range(3):
+        loss, _ = method.loss(batch, "student")
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert torch.isfinite(loss)
+    model = student.model.eval()
+    out = export_diffusers(model, tmp_path / "export", steps=[1, 2])
+    assert {p.name for p in out.iterdir()} == {"transformer", "scheduler"}
+    assert load_diffusers_teacher(out, "ddpm-eps").num_classes == 10  # the export loads back
+    labels = torch.tensor([1, 5, 9])
+    for steps in (1, 2):
+        g = torch.Generator().manual_seed(6)
+        noise = torch.randn(3, 1, 8, 8, generator=g)
+        diffusers_loop = sample_exported(out, noise, steps, generator=g, class_labels=labels)
+        g = torch.Generator().manual_seed(6)
+        noise = torch.randn(3, 1, 8, 8, generator=g)
+        times = default_times(model.param, steps)
+        sigma_max = model.param.alpha_sigma(torch.tensor([times[0]]))[1]
+        ours = consistency_sample(model, model.param, noise / sigma_max, times, generator=g, y=labels)
+        torch.testing.assert_close(diffusers_loop, ours, rtol=1e-5, atol=1e-5)
