@@ -76,3 +76,16 @@ def test_domain_student_grows_from_the_teacher_through_init_from_teacher(method)
     x, t, y = _inputs()
     for net in (student.model.net, student.ema[0].net):
         assert torch.equal(net(x, t, y), teacher(x, t, y))
+
+
+def test_every_phase_expert_starts_as_the_teacher():
+    domain = ImageGenDomain(ImageGenDataConfig(), ImageGenModelConfig(
+        image_shape=[1, 6, 6], num_classes=3, hidden=32, blocks=2, student_experts=2))
+    teacher = _teacher()
+    student = Student(domain.build_student())
+    cls = METHODS.get("multistep_cd")
+    cls(cls.Config(param="fm", num_intervals=4, segments=2), student, Teacher(teacher))
+    x, _, y = _inputs()
+    for t in (0.9, 0.1):  # one time in each expert's phase
+        times = torch.full((x.shape[0],), t)
+        assert torch.equal(student.model.net(x, times, y=y), teacher(x, times, y))
