@@ -78,10 +78,14 @@ class ImageGenModelConfig:
     diffusers_null_class: int = -1  # class index the diffusers net uses as "no class" (-1: none; a DiT's CFG row)
     hidden: int = 256
     blocks: int = 4
-    # A smaller student network than the teacher (0: the teacher's width / depth), e.g. SlimFlow's;
-    # it cannot start from the teacher's weights (method_args.init_from_teacher: false).
+    # A student network of another shape than the teacher (0: the teacher's width / depth / MLP
+    # expansion). A smaller one (e.g. SlimFlow's) cannot start from the teacher's weights
+    # (method_args.init_from_teacher: false); a deeper one (student_blocks > blocks) and/or one with
+    # wider block MLPs (student_expansion > 2), at the teacher's hidden width, starts as the teacher
+    # exactly (gen_models.grow_denoiser: the extra blocks and units start with zero output weights).
     student_hidden: int = 0
     student_blocks: int = 0
+    student_expansion: int = 0
     # Phased DMD: one student network per phase of its K-step sampler (kdlib.diffusion.phase_experts;
     # K = method_args.phases); 0: one network for every noise level.
     student_experts: int = 0
@@ -159,18 +163,19 @@ class ImageGenDomain(Domain):
     def build_student(self) -> torch.nn.Module:
         cfg = self.model_config
         if cfg.teacher_format == "diffusers":
-            if cfg.student_param or cfg.student_hidden or cfg.student_blocks or cfg.student_experts:
-                raise ValueError("model.student_param, student_hidden, student_blocks and student_experts are "
-                                 "not supported with a diffusers teacher")
+            if (cfg.student_param or cfg.student_hidden or cfg.student_blocks or cfg.student_expansion
+                    or cfg.student_experts):
+                raise ValueError("model.student_param, student_hidden, student_blocks, student_expansion and "
+                                 "student_experts are not supported with a diffusers teacher")
             from kdlib.diffusion.diffusers_io import diffusers_consistency_student
 
             return diffusers_consistency_student(self.build_teacher())
-        if not (cfg.student_hidden or cfg.student_blocks):
+        if not (cfg.student_hidden or cfg.student_blocks or cfg.student_expansion):
             net = self.build_teacher()
         else:
             net = MLPDenoiser(shape=self.image_shape, hidden=cfg.student_hidden or cfg.hidden,
                               blocks=cfg.student_blocks or cfg.blocks, num_classes=cfg.num_classes,
-                              parameterisation=cfg.param)
+                              parameterisation=cfg.param, expansion=cfg.student_expansion or 2)
         student_param = cfg.student_param
         if cfg.student_experts:
             if student_param and student_param != self.param.name:

@@ -34,14 +34,15 @@ class MLPDenoiser(nn.Module):
     ``parameterisation`` records what it was trained for (checked by the methods)."""
 
     def __init__(self, shape: tuple[int, int, int] = (1, 28, 28), hidden: int = 384, blocks: int = 3,
-                 num_classes: int = 10, parameterisation: str = "fm", time_scale: float = 1000.0):
+                 num_classes: int = 10, parameterisation: str = "fm", time_scale: float = 1000.0,
+                 expansion: int = 2):
         super().__init__()
         self.shape, self.num_classes, self.parameterisation = tuple(shape), num_classes, parameterisation
         dim = shape[0] * shape[1] * shape[2]
         self.inp = nn.Linear(dim, hidden)
         self.t_embed = TimestepEmbedder(hidden, scale=time_scale)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)
-        self.blocks = nn.ModuleList(ResidualBlock(hidden) for _ in range(blocks))
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, expansion) for _ in range(blocks))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
         # A per-sample, time-dependent multiple of the input: predictions such as the velocity
@@ -64,6 +65,49 @@ class MLPDenoiser(nn.Module):
             h = block(h, c)
         skip = self.skip(c).reshape(-1, *([1] * (x.dim() - 1)))
         return self.out(self.out_norm(h)).reshape(x.shape) + skip * x
+
+    def grow_from(self, teacher: MLPDenoiser) -> MLPDenoiser:
+        """Start as ``teacher`` (``grow_denoiser``): the hook kdlib's ``init_from_teacher`` calls
+        for a student of another shape."""
+        return grow_denoiser(self, teacher)
+
+
+@torch.no_grad()
+def grow_denoiser(student: MLPDenoiser, teacher: MLPDenoiser) -> MLPDenoiser:
+    """Copy ``teacher`` into a deeper and/or MLP-wider ``student`` so that it computes exactly the
+    teacher's function (Net2Net-style growth, Chen et al. 2016), in place; returns ``student``.
+
+    The student must have the teacher's image shape, hidden width and classes, at least its
+    blocks and at least its MLP width (``expansion``). Teacher block i becomes student block i;
+    the student's extra blocks keep their zero-initialised output layer (each is the identity
+    h + 0, while its other layers stay randomly initialised, so it gets gradients); a wider MLP's
+    extra units keep their random input weights and get zero output weights. Everything else
+    (input, time/class embeddings, output, skip) is copied as it is."""
+    t_blocks, s_blocks = len(teacher.blocks), len(student.blocks)
+    if student.shape != teacher.shape or student.num_classes != teacher.num_classes:
+        raise ValueError(f"grow_denoiser: the student's image shape / classes {student.shape} / {student.num_classes} "
+                         f"differ from the teacher's {teacher.shape} / {teacher.num_classes}")
+    if student.inp.out_features != teacher.inp.out_features:
+        raise ValueError(f"grow_denoiser: the student's hidden width {student.inp.out_features} must be the "
+                         f"teacher's ({teacher.inp.out_features}): only depth and MLP width can grow")
+    if s_blocks < t_blocks:
+        raise ValueError(f"grow_denoiser: the student has {s_blocks} blocks, fewer than the teacher's {t_blocks}")
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("blocks.")}
+    student.load_state_dict({**student.state_dict(), **state})
+    for mine, theirs in zip(student.blocks, teacher.blocks):
+        wide, narrow = mine.mlp[0].out_features, theirs.mlp[0].out_features
+        if wide < narrow:
+            raise ValueError(f"grow_denoiser: the student's MLP width {wide} is below the teacher's {narrow}")
+        mine.ada.load_state_dict(theirs.ada.state_dict())
+        mine.mlp[0].weight[:narrow] = theirs.mlp[0].weight
+        mine.mlp[0].bias[:narrow] = theirs.mlp[0].bias
+        mine.mlp[2].weight.zero_()
+        mine.mlp[2].weight[:, :narrow] = theirs.mlp[2].weight
+        mine.mlp[2].bias.copy_(theirs.mlp[2].bias)
+    for extra in student.blocks[t_blocks:]:
+        extra.mlp[2].weight.zero_()
+        extra.mlp[2].bias.zero_()
+    return student
 
 
 class DigitFeatureNet(nn.Module):

@@ -15,7 +15,8 @@ PAIRED_HEADER = ["model", "steps", *[c for _, c in COLUMNS], "latency ms/image",
 def paired_rows(results: dict, teacher_steps: list[int], student_steps: list[int],
                 split: str = "test") -> list[list[str]]:
     """Rows: teacher at each step count (and, for a guided recipe, unguided at its largest), then
-    every method's student (mean over seeds) at each step count; speed-up is relative to the
+    every method's student (mean over seeds) at each step count, followed by each EMA copy of it
+    that was evaluated (``train.ema_decays``: "student (M, EMA d)"); speed-up is relative to the
     teacher at its largest step count, at the recipe's guidance."""
     teacher = results["teacher"]
     ref_steps = max(teacher_steps)
@@ -35,9 +36,13 @@ def paired_rows(results: dict, teacher_steps: list[int], student_steps: list[int
     if f"{split}/teacher/fd_digits_{ref_steps}step_w1" in teacher:  # a guided recipe: the unguided reference too
         row("teacher, w = 1", ref_steps, lambda k, n: teacher.get(f"{split}/teacher/{k}_{n}step_w1"))
     for method, stats in results["summary"].items():
-        for n in student_steps:
-            row(f"student ({method})", n,
-                lambda k, n, stats=stats: stats.get(f"{split}/student/{k}_{n}step", {}).get("mean"))
+        emas = sorted({key.split("/")[1] for key in stats
+                       if key.startswith(f"{split}/ema") and key.endswith(f"/fd_digits_{student_steps[0]}step")})
+        for model, label in [("student", f"student ({method})"),
+                             *((m, f"student ({method}, EMA {m[len('ema'):]})") for m in emas)]:
+            for n in student_steps:
+                row(label, n, lambda k, n, stats=stats, model=model: stats.get(f"{split}/{model}/{k}_{n}step",
+                                                                               {}).get("mean"))
     return rows
 
 

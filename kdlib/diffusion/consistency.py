@@ -194,7 +194,14 @@ def segment_sample(model: nn.Module, param: Parameterisation, noise: torch.Tenso
     x ← f(x, e_{j+1}; e_j) from edge to edge of ``steps`` segments (``steps`` NFE), returning the
     state at t_min (x0 for fm/trigflow, α·x0 + σ·ε̂ with σ(t_min) ≪ 1 elsewhere, as in training).
     With ``steps`` = the S the model was trained with, each step is exactly a trained map.
-    model: ``model(x, t, edge=e, **cond)`` (a ``ConsistencyModel``); noise: [B, ...] ~ N(0, I)."""
+    model: ``model(x, t, edge=e, **cond)`` (a ``ConsistencyModel``); noise: [B, ...] ~ N(0, I).
+    Without gradients; ``segment_rollout`` is the same chain with them (a loss on the sample)."""
+    return segment_rollout(model, param, noise, steps, **cond)
+
+
+def segment_rollout(model: nn.Module, param: Parameterisation, noise: torch.Tensor, steps: int,
+                    **cond) -> torch.Tensor:
+    """``segment_sample``'s chain, differentiable: gradients flow through all ``steps`` calls."""
     if steps < 1:
         raise ValueError(f"segment_sample: steps must be >= 1, got {steps}")
     edges = segment_edges(param, steps, device=noise.device).flip(0).to(noise.dtype)

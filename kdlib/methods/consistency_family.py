@@ -14,6 +14,7 @@ import torch
 from kdlib.core.method import Method
 from kdlib.diffusion.consistency import ConsistencyModel
 from kdlib.diffusion.param import get_parameterisation
+from kdlib.diffusion.phase_experts import PhaseExperts
 from kdlib.diffusion.reparam import ReparameterisedNet
 from kdlib.methods.flow_matching import check_parameterisation
 from kdlib.objectives import cauchy, l2, pseudo_huber
@@ -36,11 +37,26 @@ def consistency_distance(pred: torch.Tensor, target: torch.Tensor, kind: str, c:
 
 
 def init_student_from_teacher(student, teacher) -> None:
-    """Copy the teacher's weights into the student's network and its EMA copies (same shapes)."""
-    state = teacher.model.state_dict()
+    """Start the student's network and its EMA copies as the teacher (``copy_teacher_into``);
+    a ``PhaseExperts`` student (one network per noise range) starts with every expert the teacher."""
     for model in (student.model, *student.ema):
         # A student in another parameterisation wraps the teacher's network (ReparameterisedNet).
         net = model.net.net if isinstance(model.net, ReparameterisedNet) else model.net
+        for part in net.experts if isinstance(net, PhaseExperts) else [net]:
+            copy_teacher_into(part, teacher.model)
+
+
+def copy_teacher_into(net: torch.nn.Module, teacher_net: torch.nn.Module) -> None:
+    """``net`` computes ``teacher_net``'s function: the teacher's state when the shapes match;
+    otherwise, for a network that defines ``grow_from(teacher_net)`` (a function-preserving growth
+    of the teacher, e.g. extra residual blocks that start as identity), that. A network of another
+    shape without it is an error (``load_state_dict``'s)."""
+    state = teacher_net.state_dict()
+    own = net.state_dict()
+    same = own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items())
+    if not same and hasattr(net, "grow_from"):
+        net.grow_from(teacher_net)
+    else:
         net.load_state_dict(state)
 
 

@@ -28,8 +28,18 @@ deterministically edge to edge, DDIM-style with the student's (x̂0, ε̂): S st
 edges are exactly the maps it was trained on. Hyper-SD's score-distillation and human-feedback
 phases are not part of this method.
 
-Defaults: N = 20, k = 1, S = 4, no schedule, pseudo-Huber, online target, guidance 1.
-Batch: ``x`` clean states [B, ...]; other keys are the condition.
+Optional regression on the teacher's ODE pairs (``regression_weight`` λ > 0; DMD's regression
+term, Yin et al. 2024, §3.3, applied to the segmented sampler): with pairs (z, y_ref) of noise and
+the teacher's multi-step ODE sample from it (``ode_noise`` / ``ode_x`` in the batch, attached by the
+domain when ``needs_ode_pairs``; ``kdlib.methods.dmd.add_ode_pairs``), the loss adds
+
+    λ · d(segment_rollout(f_θ, z, S), y_ref)
+
+at the current S: the student's own S-step sample (S network calls, edge to edge) pulled toward the
+teacher's solution from the same noise, an anchor without the consistency loss's bootstrapping.
+
+Defaults: N = 20, k = 1, S = 4, no schedule, pseudo-Huber, online target, guidance 1, no regression.
+Batch: ``x`` clean states [B, ...], the pairs when regressing; other keys are the condition.
 """
 
 from __future__ import annotations
@@ -39,15 +49,19 @@ from dataclasses import dataclass, field
 import torch
 
 from kdlib.core.method import register_method
-from kdlib.diffusion.consistency import discretisation, solver_step
+from kdlib.diffusion.consistency import discretisation, segment_rollout, solver_step
 from kdlib.diffusion.param import expand
 from kdlib.methods.consistency_family import (
+    DISTANCES,
     ConsistencyDistillationConfig,
     ConsistencyFamily,
+    check_choice,
     check_range,
     consistency_distance,
 )
-from kdlib.methods.flow_matching import split_batch
+from kdlib.methods.dmd import PAIR_KEYS, split_pairs
+
+CLEAN_STATES = ("data", "teacher")
 
 
 @dataclass
@@ -55,6 +69,13 @@ class MultistepCDConfig(ConsistencyDistillationConfig):
     segments: int = 4  # S when segment_schedule is empty
     segment_schedule: list[int] = field(default_factory=list)  # S per phase, e.g. [8, 4, 2, 1]
     total_steps: int = 2000  # K over which the phases run: set it to train.steps
+    # Where the clean states x0 that are noised to x_t come from: "data" (the batch's x) or
+    # "teacher" (the teacher's ODE samples of the batch's pairs, ode_x: its own, e.g. guided, output
+    # distribution, so x_t lies near the trajectories the student must map).
+    clean_states: str = "data"
+    regression_weight: float = 0.0  # λ of the ODE-pair regression term; 0: off (no pairs needed)
+    regression_distance: str = "pseudo_huber"  # pseudo_huber | l2 | cauchy
+    regression_c: float = 0.0  # distance scale; 0: 0.00054·sqrt(values per sample)
 
 
 @register_method("multistep_cd")
@@ -69,7 +90,16 @@ class MultistepCD(ConsistencyFamily):
                 if s < 1 or config.num_intervals % s:
                     raise ValueError(f"multistep_cd: every value of {key} must be >= 1 and divide num_intervals "
                                      f"({config.num_intervals}); got {s}")
+        check_range(self.name, "regression_weight", config.regression_weight, 0.0)
+        check_choice(self.name, "regression_distance", config.regression_distance, DISTANCES)
+        check_choice(self.name, "clean_states", config.clean_states, CLEAN_STATES)
         self._set_segments(self.segments_at(0))
+
+    @property
+    def needs_ode_pairs(self) -> bool:
+        """Whether every batch must carry the teacher's ODE pairs (``PAIR_KEYS``): only when
+        regressing on them (``regression_weight`` > 0)."""
+        return self.config.regression_weight > 0 or self.config.clean_states == "teacher"
 
     def segments_at(self, step: int) -> int:
         schedule = self.config.segment_schedule
@@ -88,7 +118,13 @@ class MultistepCD(ConsistencyFamily):
 
     def loss(self, batch, group):
         cfg = self.config
-        x0, cond = split_batch(batch)
+        x0, cond, pairs = split_pairs(batch)
+        if (cfg.regression_weight > 0 or cfg.clean_states == "teacher") and set(PAIR_KEYS) - set(pairs):
+            raise ValueError(f"{self.name}: regression_weight > 0 and clean_states=teacher need the teacher's ODE "
+                             f"pairs in every batch (keys {', '.join(PAIR_KEYS)}; a domain attaches them in "
+                             "Domain.stage_data when the method's needs_ode_pairs is true)")
+        if cfg.clean_states == "teacher":
+            x0 = pairs["ode_x"]
         b, dtype = x0.shape[0], x0.dtype
         segments = self.segments_at(self.step)
         per_segment = cfg.num_intervals // segments
@@ -103,4 +139,10 @@ class MultistepCD(ConsistencyFamily):
             target = self.target_model()(x_s, s.to(dtype), edge=e.to(dtype), **cond)
         online = self.student(x_t, t.to(dtype), edge=e.to(dtype), **cond)
         loss = consistency_distance(online / scale, target / scale, cfg.distance, cfg.c)
-        return loss, {"multistep_cd/segments": float(segments)}
+        stats = {"multistep_cd/segments": float(segments)}
+        if cfg.regression_weight > 0:
+            sample = segment_rollout(self.student, self.param, pairs["ode_noise"], segments, **cond)
+            regression = consistency_distance(sample, pairs["ode_x"], cfg.regression_distance, cfg.regression_c)
+            stats["multistep_cd/regression"] = regression.detach()
+            loss = loss + cfg.regression_weight * regression
+        return loss, stats

@@ -1,4 +1,5 @@
-"""The consistency-family MNIST recipes (mnist-mlcm, its guided mnist-mlcm-cfg, mnist-scott, mnist-tbcm)
+"""The consistency-family MNIST recipes (mnist-mlcm, its guided mnist-mlcm-cfg, mnist-scott, mnist-tbcm,
+and mnist-mlcm-dmd2, MLCM then DMD2)
 run end to end on a tiny budget, evaluate their students, and a segmented student keeps its sampler
 in its checkpoint."""
 
@@ -38,3 +39,23 @@ def test_recipe_smoke_run(tmp_path, recipe, method):
     tensors = load_file(checkpoint / "tensors.safetensors")
     # the recipe's first phase (S = 4) is saved with the student: a reload samples edge to edge
     assert int(tensors["model/student/segments"]) == (4 if method == "multistep_cd" else 0)
+
+
+def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(tmp_path):
+    """mnist-mlcm-dmd2: the MLCM stage, then DMD2 from its student; the student keeps MLCM's
+    segmented sampler (segments = 1 at the end of the schedule), and the report's paired table
+    lists the DMD2 student's EMA copy as well as the student."""
+    args = ["distill", "image-gen", "--recipe", "mnist-mlcm-dmd2", f"runs_dir={tmp_path}", "name=tiny",
+            "seeds=[0]", "train.steps=2", "train.batch_size=16", "train.progress=false", "model.eval_samples=40",
+            "model.teacher_steps=[1]", "model.student_steps=[1,2]", "stages.0.train.steps=3",
+            "stages.0.method_args.total_steps=3"]
+    assert main(args) == 0
+    run = tmp_path / "tiny"
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["seeds"]) == {"mlcm", "dmd2"}
+    final = results["seeds"]["dmd2"]["0"]
+    assert 0 < final["test/ema0.98/fd_digits_1step"] < float("inf")
+    report = (run / "report.md").read_text()
+    assert "| student (dmd2, EMA 0.98) | 2 |" in report and "| student (mlcm) | 1 |" in report
+    checkpoint = max((run / "stages" / "seed0-dmd2" / "checkpoints").glob("step-*"))
+    assert int(load_file(checkpoint / "tensors.safetensors")["model/student/segments"]) == 1

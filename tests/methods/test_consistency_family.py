@@ -201,6 +201,8 @@ def test_tbcm_is_data_free_and_reuses_its_trajectories():
     ("multistep_cd", {"segments": 3}, "segments"),
     ("multistep_cd", {"num_intervals": 12, "segment_schedule": [8, 4]}, "segment_schedule"),
     ("multistep_cd", {"total_steps": 0}, "total_steps"),
+    ("multistep_cd", {"regression_weight": -1.0}, "regression_weight"),
+    ("multistep_cd", {"clean_states": "noise"}, "clean_states must be one of data, teacher"),
     ("scott", {"eta": 1.5}, "eta"),
     ("scott", {"substeps": 0}, "substeps"),
     ("tbcm", {"refresh_every": 0}, "refresh_every"),
@@ -226,3 +228,52 @@ def test_teacher_of_another_parameterisation_is_refused(name):
         _method(name, TinyNet(), teacher)
     with pytest.raises(TypeError, match="ConsistencyModel"):
         cls(cls.Config(), Student(TinyNet()), Teacher(TinyNet()))
+
+
+def _paired_batch(n=64, shape=(4,), seed=0):
+    """A batch with the teacher's ODE pairs: noise ``ode_noise`` and a stand-in sample ``ode_x``."""
+    g = torch.Generator().manual_seed(seed + 50)
+    return {**_batch(n, shape, seed=seed), "ode_noise": torch.randn(n, *shape, generator=g),
+            "ode_x": torch.full((n, *shape), C)}
+
+
+def test_multistep_cd_asks_for_the_ode_pairs_only_when_it_uses_them():
+    assert not _method("multistep_cd", TinyNet(), TinyNet()).needs_ode_pairs
+    assert _method("multistep_cd", TinyNet(), TinyNet(), regression_weight=0.5).needs_ode_pairs
+    assert _method("multistep_cd", TinyNet(), TinyNet(), clean_states="teacher").needs_ode_pairs
+    with pytest.raises(ValueError, match="ODE pairs"):
+        _loss(_method("multistep_cd", TinyNet(), TinyNet(), clean_states="teacher"), _batch())
+
+
+def test_multistep_cd_clean_states_from_the_teacher_replace_the_data():
+    # clean_states=teacher noises the pairs' ode_x instead of x: other x values, same loss; and the
+    # same loss as data clean states whose x is that ode_x.
+    torch.manual_seed(0)
+    teacher = TinyNet()
+    batch = _paired_batch()
+    loss = _loss(_method("multistep_cd", TinyNet(), teacher, clean_states="teacher"), batch, seed=3)
+    moved = _loss(_method("multistep_cd", TinyNet(), teacher, clean_states="teacher"),
+                  {**batch, "x": 100 * batch["x"]}, seed=3)
+    as_data = _loss(_method("multistep_cd", TinyNet(), teacher), {"x": batch["ode_x"], "y": batch["y"]}, seed=3)
+    assert loss.item() == moved.item() == pytest.approx(as_data.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("segments", [1, 2])
+def test_multistep_cd_regression_is_the_students_own_sample_against_the_pairs(segments):
+    from kdlib.diffusion.consistency import segment_sample
+    from kdlib.methods.consistency_family import consistency_distance
+
+    torch.manual_seed(0)
+    teacher = TinyNet()
+    batch = _paired_batch()
+    plain = _method("multistep_cd", TinyNet(), teacher, num_intervals=4, segments=segments)
+    weighted = _method("multistep_cd", TinyNet(), teacher, num_intervals=4, segments=segments, regression_weight=2.0)
+    cond = {"y": batch["y"]}
+    sample = segment_sample(weighted.student.model, weighted.param, batch["ode_noise"], segments, **cond)
+    expected = consistency_distance(sample, batch["ode_x"], "pseudo_huber")
+    diff = _loss(weighted, batch, seed=4) - _loss(plain, batch, seed=4)
+    assert diff.item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
+    # differentiable through every step of the student's sampler
+    weighted.student.model.zero_grad()
+    _loss(weighted, batch, seed=4).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weighted.student.model.parameters())
