@@ -19,6 +19,13 @@ import importlib.util
 import platform
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily: `kdlib --help` stays fast
+    import torch
+
+WEIGHTS_HELP = ("which weights: 'raw' (default), or an EMA copy as the report names it (e.g. ema0.98; "
+                "'ema' when the stage kept one)")
 
 
 def cmd_info(_: argparse.Namespace) -> int:
@@ -139,10 +146,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     student = experiment.load_student(stage)
     if student is None:
         raise FileNotFoundError(f"{args.run_dir}: stage {stage!r} has no checkpoint to sample from")
-    out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / f"{stage}-{args.steps}step"
-    files = experiment.domain.write_samples(student.model, out, args.count, args.steps)
+    try:
+        weights = _weights(student, args.weights, stage)
+    except ValueError as exc:
+        print(f"kdlib sample: {exc}", file=sys.stderr)
+        return 2
+    suffix = "" if args.weights == "raw" else f"-{args.weights}"
+    out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / f"{stage}-{args.steps}step{suffix}"
+    files = experiment.domain.write_samples(weights, out, args.count, args.steps)
     print(f"kdlib: wrote {len(files)} files to {out}")
     return 0
+
+
+def _weights(student, name: str, stage: str) -> torch.nn.Module:
+    """The student's raw weights ("raw") or one of its EMA copies ("ema<decay>", as the report names
+    them, e.g. ema0.98; "ema" alone when the stage kept exactly one)."""
+    models = student.evaluation_models()
+    choices = ["raw", *(k for k in models if k != "student")]
+    if name == "raw":
+        return models["student"]
+    if name == "ema" and len(choices) == 2:
+        return models[choices[1]]
+    if name not in models or name == "student":
+        raise ValueError(f"stage {stage!r} has no weights {name!r}; choose one of {', '.join(choices)}")
+    return models[name]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -154,7 +181,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if student is None:
         raise FileNotFoundError(f"{args.run_dir}: stage {stage!r} has no checkpoint to export")
     try:
-        out = experiment.domain.export_student(student.model.cpu(), Path(args.out), args.format)
+        out = experiment.domain.export_student(_weights(student, args.weights, stage).cpu(), Path(args.out),
+                                               args.format)
     except (NotImplementedError, TypeError, ValueError) as exc:
         print(f"kdlib export: {exc}", file=sys.stderr)
         return 2
@@ -223,12 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--steps", type=int, default=1, help="sampling steps")
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/samples/<stage>-<steps>step)")
+    p.add_argument("--weights", default="raw", help=WEIGHTS_HELP)
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("export", help="write a run's trained student in another format (e.g. a diffusers folder)")
     p.add_argument("run_dir")
     p.add_argument("--format", default="diffusers", help="export format (image-gen: diffusers)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stage", default=None, help="stage to export (default: the first seed's distilled student)")
+    p.add_argument("--weights", default="raw", help=WEIGHTS_HELP)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("train-teacher", help="reproduce a domain's shipped teacher with its own recipe")
     p.add_argument("domain")

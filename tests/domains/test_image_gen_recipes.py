@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("mlxtend")
 
@@ -41,7 +42,7 @@ def test_recipe_smoke_run(tmp_path, recipe, method):
     assert int(tensors["model/student/segments"]) == (4 if method == "multistep_cd" else 0)
 
 
-def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(tmp_path):
+def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(tmp_path, capsys):
     """mnist-mlcm-dmd2: the MLCM stage, then DMD2 from its student; the student keeps MLCM's
     segmented sampler (segments = 1 at the end of the schedule), and the report's paired table
     lists the DMD2 student's EMA copy as well as the student."""
@@ -59,3 +60,13 @@ def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(t
     assert "| student (dmd2, EMA 0.98) | 2 |" in report and "| student (mlcm) | 1 |" in report
     checkpoint = max((run / "stages" / "seed0-dmd2" / "checkpoints").glob("step-*"))
     assert int(load_file(checkpoint / "tensors.safetensors")["model/student/segments"]) == 1
+    # kdlib sample takes the weights the report scored: the EMA copy by its report name, or the raw ones
+    for weights, folder in (("ema0.98", "seed0-dmd2-1step-ema0.98"), ("ema", "seed0-dmd2-1step-ema"),
+                            ("raw", "seed0-dmd2-1step")):
+        assert main(["sample", str(run), "--count", "8", "--steps", "1", "--weights", weights]) == 0
+        assert (run / "samples" / folder / "samples.pt").exists()
+    ema = torch.load(run / "samples" / "seed0-dmd2-1step-ema0.98" / "samples.pt")
+    assert torch.equal(ema, torch.load(run / "samples" / "seed0-dmd2-1step-ema" / "samples.pt"))
+    assert not torch.equal(ema, torch.load(run / "samples" / "seed0-dmd2-1step" / "samples.pt"))
+    assert main(["sample", str(run), "--count", "8", "--weights", "ema0.9"]) == 2
+    assert "no weights 'ema0.9'; choose one of raw, ema0.98" in capsys.readouterr().err
