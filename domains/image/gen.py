@@ -23,7 +23,7 @@ import torch
 from domains.image.gen_data import DIGITS_SHAPE, check_shape, load_gen_splits
 from domains.image.gen_grid import save_grid
 from domains.image.gen_metrics import DigitsScorer
-from domains.image.gen_models import MLPDenoiser
+from domains.image.gen_models import DiTDenoiser, MLPDenoiser
 from domains.image.gen_pairs import attach_pairs, ode_pairs, placeholder_pairs
 from domains.image.gen_pixel_metrics import PixelScorer
 from domains.image.gen_report import PAIRED_HEADER, paired_rows, report_section, sample_grid
@@ -76,8 +76,15 @@ class ImageGenModelConfig:
     teacher_format: str = "kdlib"  # kdlib (MLPDenoiser) | diffusers (UNet2DModel or DiTTransformer2DModel + scheduler)
     diffusers_folder: str = ""
     diffusers_null_class: int = -1  # class index the diffusers net uses as "no class" (-1: none; a DiT's CFG row)
+    # The kdlib-format network: "mlp" (MLPDenoiser: hidden, blocks; the shipped teacher) or "dit"
+    # (kdlib.nn.DiT: hidden, blocks = depth, heads, patch_size — patches of the image are the tokens;
+    # the shipped weights are an MLP's, so a DiT teacher is trained by the run, teacher.path: null and
+    # teacher.method: flow_matching, or by `kdlib train-teacher image-gen --network dit`).
+    network: str = "mlp"
     hidden: int = 256
     blocks: int = 4
+    heads: int = 4
+    patch_size: int = 4
     # A student network of another shape than the teacher (0: the teacher's width / depth / MLP
     # expansion). A smaller one (e.g. SlimFlow's) cannot start from the teacher's weights
     # (method_args.init_from_teacher: false); a deeper one (student_blocks > blocks) and/or one with
@@ -115,6 +122,8 @@ class ImageGenDomain(Domain):
                              f"got {model_config.teacher_format!r}")
         if model_config.teacher_format == "diffusers" and not model_config.diffusers_folder:
             raise ValueError("model.teacher_format=diffusers needs model.diffusers_folder=PATH")
+        if model_config.network not in ("mlp", "dit"):
+            raise ValueError(f"model.network must be 'mlp' or 'dit', got {model_config.network!r}")
         self.image_shape = tuple(model_config.image_shape)
         if len(self.image_shape) != 3:
             raise ValueError(f"model.image_shape must be [C, H, W], got {list(model_config.image_shape)}")
@@ -157,8 +166,19 @@ class ImageGenDomain(Domain):
                                          null_class=None if cfg.diffusers_null_class < 0 else cfg.diffusers_null_class)
             check_shape(net.image_shape, self.image_shape, "model.image_shape vs the diffusers teacher")
             return net
-        return MLPDenoiser(shape=self.image_shape, hidden=cfg.hidden, blocks=cfg.blocks,
-                           num_classes=cfg.num_classes, parameterisation=cfg.param)
+        return self._network(cfg.hidden, cfg.blocks)
+
+    def _network(self, hidden: int, blocks: int, expansion: int = 2) -> torch.nn.Module:
+        """A fresh kdlib-format denoiser of ``model.network`` with this width and depth."""
+        cfg = self.model_config
+        if cfg.network == "dit":
+            if expansion != 2:
+                raise ValueError("model.student_expansion is an MLP option; model.network=dit has no block MLP "
+                                 "expansion to grow")
+            return DiTDenoiser(shape=self.image_shape, hidden=hidden, depth=blocks, heads=cfg.heads,
+                               patch_size=cfg.patch_size, num_classes=cfg.num_classes, parameterisation=cfg.param)
+        return MLPDenoiser(shape=self.image_shape, hidden=hidden, blocks=blocks, num_classes=cfg.num_classes,
+                           parameterisation=cfg.param, expansion=expansion)
 
     def build_student(self) -> torch.nn.Module:
         cfg = self.model_config
@@ -173,9 +193,8 @@ class ImageGenDomain(Domain):
         if not (cfg.student_hidden or cfg.student_blocks or cfg.student_expansion):
             net = self.build_teacher()
         else:
-            net = MLPDenoiser(shape=self.image_shape, hidden=cfg.student_hidden or cfg.hidden,
-                              blocks=cfg.student_blocks or cfg.blocks, num_classes=cfg.num_classes,
-                              parameterisation=cfg.param, expansion=cfg.student_expansion or 2)
+            net = self._network(cfg.student_hidden or cfg.hidden, cfg.student_blocks or cfg.blocks,
+                                cfg.student_expansion or 2)
         student_param = cfg.student_param
         if cfg.student_experts:
             if student_param and student_param != self.param.name:

@@ -110,6 +110,35 @@ def grow_denoiser(student: MLPDenoiser, teacher: MLPDenoiser) -> MLPDenoiser:
     return student
 
 
+class DiTDenoiser(nn.Module):
+    """``kdlib.nn.DiT`` as an image recipe's denoiser, with ``MLPDenoiser``'s interface: net(x
+    [B, C, H, W], t [B], y [B] | None) -> prediction of x's shape; labels < 0 or None are the null
+    condition (DiT's label ``num_classes``). Patches of ``patch_size``² pixels are the tokens, so
+    H and W must be multiples of it (28×28 digits: 4 → 49 tokens)."""
+
+    def __init__(self, shape: tuple[int, int, int] = (1, 28, 28), hidden: int = 256, depth: int = 4,
+                 heads: int = 4, patch_size: int = 4, num_classes: int = 10, parameterisation: str = "fm",
+                 time_scale: float = 1000.0):
+        super().__init__()
+        from kdlib.nn import DiT, DiTConfig
+
+        if any(side % patch_size for side in shape[1:]):
+            raise ValueError(f"DiTDenoiser: image size {tuple(shape[1:])} is not a multiple of patch_size {patch_size}")
+        self.shape, self.num_classes, self.parameterisation = tuple(shape), num_classes, parameterisation
+        self.dit = DiT(DiTConfig(in_channels=shape[0], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
+                                 num_classes=num_classes, time_scale=time_scale))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"DiTDenoiser: expected images of shape {self.shape}, got {tuple(x.shape[1:])}")
+        labels = None
+        if self.num_classes:
+            if y is None:
+                y = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
+            labels = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
+        return self.dit(x, t, y=labels)
+
+
 class DigitFeatureNet(nn.Module):
     """The FD-digits feature extractor: a small CNN classifier. x: [B, 1, 28, 28] in [-1, 1] ->
     logits [B, 10]; ``features(x)`` -> [B, feature_dim], the penultimate activations."""

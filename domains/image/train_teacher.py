@@ -1,11 +1,13 @@
 """Reproduce the shipped flow-matching teacher ``assets/mnist_fm_teacher.safetensors``:
 
-    python -m domains.image.train_teacher [--steps 8000] [--out PATH]
+    python -m domains.image.train_teacher [--steps 8000] [--out PATH] [--network dit]
 
 Trains the ``image-gen`` domain's teacher network with the ``flow_matching`` method on the
 training split only (same split as every recipe), keeps an EMA (0.999) and writes the EMA weights
 in float16 (half the file size; the domain loads them into float32). About 8 minutes on one idle
-CPU core.
+CPU core. ``--network dit`` trains the domain's DiT denoiser instead (``model.network=dit``, its
+default width/depth/heads/patch size) — a GPU-sized job: run recipes with it as
+``model.network=dit teacher.path=<the file>``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ from kdlib.methods.flow_matching import FlowMatching, FlowMatchingConfig
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--out", default=str(ASSET_DIR / "mnist_fm_teacher.safetensors"))
+    parser.add_argument("--out", default=None, help="default: the shipped asset (mlp) or assets/mnist_fm_dit_teacher")
+    parser.add_argument("--network", choices=["mlp", "dit"], default="mlp")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "mnist_fm_teacher" if args.network == "mlp" else "mnist_fm_dit_teacher"
+        args.out = str(ASSET_DIR / f"{name}.safetensors")
     torch.manual_seed(0)
-    domain = ImageGenDomain(ImageGenDataConfig(), ImageGenModelConfig())
+    domain = ImageGenDomain(ImageGenDataConfig(), ImageGenModelConfig(network=args.network))
     student = Student(domain.build_teacher(), ema_decays=[0.999])
     method = FlowMatching(FlowMatchingConfig(), student, None)
     cfg = TrainConfig(steps=args.steps, batch_size=128, lr=2e-3, warmup_steps=200, ema_decays=[0.999],
@@ -41,7 +47,8 @@ def main(argv: list[str] | None = None) -> Path:
     state = {k: v.detach().half().contiguous() for k, v in student.ema[0].state_dict().items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"param": "fm", "recipe": "python -m domains.image.train_teacher"})
+    save_file(state, str(out), metadata={"param": "fm", "network": args.network,
+                                         "recipe": f"python -m domains.image.train_teacher --network {args.network}"})
     print(f"wrote {out}")
     return out
 

@@ -21,9 +21,11 @@ def test_default_recipe_is_the_generative_one_for_both_image_domains():
     from domains.image.gen import ImageGenDomain
 
     cfg = load_run_config(ImageDomain.recipe_path(None), domain="image")
-    assert cfg.domain == "image-gen" and cfg.method == "multistep_cd"
-    # CFG-augmented targets (mnist-mlcm-cfg): the teacher is evaluated at the student's guidance
-    assert cfg.method_args.guidance > 1 and cfg.model.guidance == cfg.method_args.guidance
+    # mnist-mlcm-dmd2: MLCM with CFG-augmented targets, then DMD2 at the same guidance, at which the
+    # teacher is evaluated too
+    assert cfg.domain == "image-gen" and cfg.method == "dmd2"
+    assert [(s.name, s.method) for s in cfg.stages] == [("mlcm", "multistep_cd"), ("dmd2", "dmd2")]
+    assert cfg.stages[0].method_args.guidance == cfg.method_args.guidance == cfg.model.guidance > 1
     same = load_run_config(ImageGenDomain.recipe_path(None), domain="image-gen")
     assert to_dict(cfg) == to_dict(same)
     with pytest.raises(ConfigError, match="is for domain 'image-gen', not 'llm'"):
