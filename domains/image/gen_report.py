@@ -74,8 +74,11 @@ def report_section(domain, run_dir: Path, teacher: torch.nn.Module, students: di
     noise, labels = grid_noise(next(teacher.parameters()).device)
     rows = [(f"teacher {n} steps", domain.generate(teacher, noise, labels, n)) for n in cfg.teacher_steps]
     for method, student in students.items():
-        rows += [(f"{method} {n} step{'s' if n > 1 else ''}", domain.generate(student.model, noise, labels, n))
-                 for n in cfg.student_steps]
+        # the raw student, then each EMA copy the table reports (same rows' names as the table's)
+        models = [(method, student.model), *((f"{method} EMA {d:g}", ema)
+                                             for d, ema in zip(student.ema_decays, student.ema))]
+        rows += [(f"{name} {n} step{'s' if n > 1 else ''}", domain.generate(model, noise, labels, n))
+                 for name, model in models for n in cfg.student_steps]
     grid = sample_grid(run_dir / "plots" / "samples.png", rows)
     return [
         "## Teacher vs student, paired by step count\n\n"

@@ -42,7 +42,7 @@ def test_recipe_smoke_run(tmp_path, recipe, method):
     assert int(tensors["model/student/segments"]) == (4 if method == "multistep_cd" else 0)
 
 
-def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(tmp_path, capsys):
+def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(tmp_path, capsys, monkeypatch):
     """mnist-mlcm-dmd2: the MLCM stage, then DMD2 from its student; the student keeps MLCM's
     segmented sampler (segments = 1 at the end of the schedule), and the report's paired table
     lists the DMD2 student's EMA copy as well as the student."""
@@ -50,8 +50,16 @@ def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(t
             "seeds=[0]", "train.steps=2", "train.batch_size=16", "train.progress=false", "model.eval_samples=40",
             "model.teacher_steps=[1]", "model.student_steps=[1,2]", "stages.0.train.steps=3",
             "stages.0.method_args.total_steps=3"]
+    import domains.image.gen_report as gen_report
+
+    grid_rows = []
+    real_grid = gen_report.sample_grid
+    monkeypatch.setattr(gen_report, "sample_grid", lambda path, rows: grid_rows.extend(r[0] for r in rows)
+                        or real_grid(path, rows))
     assert main(args) == 0
     run = tmp_path / "tiny"
+    # the sample grid shows the EMA copy the table reports, next to the raw student
+    assert {"dmd2 1 step", "dmd2 EMA 0.98 1 step", "dmd2 EMA 0.98 2 steps"} <= set(grid_rows)
     results = json.loads((run / "results.json").read_text())
     assert set(results["seeds"]) == {"mlcm", "dmd2"}
     final = results["seeds"]["dmd2"]["0"]
