@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kdlib.core.config import ConfigError, build, load_yaml, merge_recipe, parse_overrides
+from kdlib.core.config import ConfigError, build, deep_merge, load_yaml, merge_recipe, parse_overrides
 
 
 @dataclass
@@ -64,6 +64,10 @@ class RunConfigBase:
     # report both: the only honest way to show what distillation bought.
     baseline: bool = True
     baseline_method: str = "supervised"
+    # The baseline's own train settings, over the run's ``train`` (e.g. a multi-stage run's total
+    # steps and its first stage's lr, so the baseline gets the budget the chain had); resolved into
+    # a TrainConfig, None when not given (the run's ``train``).
+    baseline_train: Any = None
     runs_dir: str = "runs"
     name: str | None = None  # run folder name; default <domain>-<method>-<time>
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -103,7 +107,19 @@ def resolve_config(raw: dict[str, Any], *, source: str) -> Any:
     cfg = build(cls, raw, source=source)
     _check_values(cfg, source)
     cfg.stages = resolve_stages(raw, cfg, source)
+    cfg.baseline_train = _baseline_train(raw, source)
     return cfg
+
+
+def _baseline_train(raw: dict[str, Any], source: str) -> TrainConfig | None:
+    given = raw.get("baseline_train")
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: baseline_train must be a mapping of train keys, got {given!r}")
+    train = build(TrainConfig, deep_merge(raw.get("train") or {}, given), source=source, prefix="baseline_train.")
+    check_train("baseline_train", train, source)
+    return train
 
 
 def check_train(name: str, train: TrainConfig, source: str) -> None:

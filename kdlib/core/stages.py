@@ -160,7 +160,8 @@ def student_stages(cfg: Any) -> list[StagePlan]:
         plans.append(StagePlan(stage.name, stage.method, method_args, stage.train, True, start,
                                previous.name if previous else None))
     if cfg.baseline:
-        plans.append(StagePlan(cfg.baseline_method, cfg.baseline_method, cfg.baseline_args, cfg.train, False))
+        plans.append(StagePlan(cfg.baseline_method, cfg.baseline_method, cfg.baseline_args,
+                               cfg.baseline_train or cfg.train, False))
     return plans
 
 

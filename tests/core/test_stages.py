@@ -78,6 +78,25 @@ def test_stages_are_typed_by_their_methods_and_inherit_the_run(recipe):
     assert to_dict(again) == to_dict(cfg)
 
 
+def test_the_baseline_takes_its_own_train_settings_over_the_runs(recipe):
+    """baseline_train: the no-teacher baseline's budget (e.g. the chain's total steps), merged over
+    the run's train; without it the baseline trains with the run's train, as before."""
+    cfg = load_run_config(recipe, ["baseline=true", "baseline_train.steps=260", "baseline_train.lr=0.001"])
+    plans = student_stages(cfg)
+    baseline = plans[-1]
+    assert not baseline.with_teacher and baseline.name == "supervised"
+    assert baseline.train.steps == 260 and baseline.train.lr == pytest.approx(0.001)
+    assert baseline.train.batch_size == 64 and baseline.train.checkpoint_every == 10  # the run's train
+    assert load_run_config(recipe, ["baseline=true"]).baseline_train is None
+    assert student_stages(load_run_config(recipe, ["baseline=true"]))[-1].train == cfg.train
+    again = resolve_config(to_dict(cfg), source="config.yaml")  # a run's saved config resolves the same
+    assert again.baseline_train == cfg.baseline_train
+    with pytest.raises(ConfigError, match="unknown config key 'baseline_train.setps'"):
+        load_run_config(recipe, ["baseline=true", "baseline_train.setps=3"])
+    with pytest.raises(ConfigError, match="baseline_train.steps must be >= 1"):
+        load_run_config(recipe, ["baseline=true", "baseline_train.steps=0"])
+
+
 @pytest.mark.parametrize(("override", "message"), [
     (["stages.1.trian={steps: 3}"], r"unknown config key 'stages\[1\]\.trian'; did you mean 'stages\[1\]\.train'\?"),
     (["stages.0.train.setps=3"], r"unknown config key 'stages\[0\]\.train\.setps'.*'stages\[0\]\.train\.steps'"),

@@ -49,7 +49,7 @@ def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(t
     args = ["distill", "image-gen", "--recipe", "mnist-mlcm-dmd2", f"runs_dir={tmp_path}", "name=tiny",
             "seeds=[0]", "train.steps=2", "train.batch_size=16", "train.progress=false", "model.eval_samples=40",
             "model.teacher_steps=[1]", "model.student_steps=[1,2]", "stages.0.train.steps=3",
-            "stages.0.method_args.total_steps=3"]
+            "stages.0.method_args.total_steps=3", "baseline_train.steps=3", "baseline_args.total_steps=3"]
     import domains.image.gen_report as gen_report
 
     grid_rows = []
@@ -61,7 +61,7 @@ def test_mlcm_then_dmd2_recipe_keeps_the_segmented_sampler_and_reports_the_ema(t
     # the sample grid shows the EMA copy the table reports, next to the raw student
     assert {"dmd2 1 step", "dmd2 EMA 0.98 1 step", "dmd2 EMA 0.98 2 steps"} <= set(grid_rows)
     results = json.loads((run / "results.json").read_text())
-    assert set(results["seeds"]) == {"mlcm", "dmd2"}
+    assert set(results["seeds"]) == {"mlcm", "dmd2", "ict"}  # ict: the no-teacher baseline
     final = results["seeds"]["dmd2"]["0"]
     assert 0 < final["test/ema0.98/fd_digits_1step"] < float("inf")
     report = (run / "report.md").read_text()
