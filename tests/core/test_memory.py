@@ -157,7 +157,9 @@ def test_dry_run_prints_estimates_and_exits_without_a_run(tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     assert main(["distill", "image", "--dry-run", "baseline=false"]) == 0
     out = capsys.readouterr().out
-    assert "stage seed0-multistep_cd" in out and "teacher" in out and "student" in out
+    # the default's two stages (MLCM, then DMD2), each estimated
+    assert "stage seed0-mlcm: multistep_cd" in out and "stage seed0-dmd2: dmd2" in out
+    assert "teacher" in out and "student" in out
     assert "peak estimate" in out and "nothing was allocated" in out
     assert not (tmp_path / "runs").exists()
 
