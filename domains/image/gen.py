@@ -92,6 +92,9 @@ class ImageGenModelConfig:
     # exactly (gen_models.grow_denoiser: the extra blocks and units start with zero output weights).
     student_hidden: int = 0
     student_blocks: int = 0
+    # The student takes the CFG scale as an input (MLPDenoiser's guidance_input; set the method's
+    # guidance_input range): distilled over a range of w, evaluated and sampled at model.guidance.
+    student_guidance_input: bool = False
     student_expansion: int = 0
     # Phased DMD: one student network per phase of its K-step sampler (kdlib.diffusion.phase_experts;
     # K = method_args.phases); 0: one network for every noise level.
@@ -168,33 +171,34 @@ class ImageGenDomain(Domain):
             return net
         return self._network(cfg.hidden, cfg.blocks)
 
-    def _network(self, hidden: int, blocks: int, expansion: int = 2) -> torch.nn.Module:
+    def _network(self, hidden: int, blocks: int, expansion: int = 2, guidance_input: bool = False) -> torch.nn.Module:
         """A fresh kdlib-format denoiser of ``model.network`` with this width and depth."""
         cfg = self.model_config
         if cfg.network == "dit":
-            if expansion != 2:
-                raise ValueError("model.student_expansion is an MLP option; model.network=dit has no block MLP "
-                                 "expansion to grow")
+            if expansion != 2 or guidance_input:
+                raise ValueError("model.student_expansion and student_guidance_input are MLP options; "
+                                 "model.network=dit has neither")
             return DiTDenoiser(shape=self.image_shape, hidden=hidden, depth=blocks, heads=cfg.heads,
                                patch_size=cfg.patch_size, num_classes=cfg.num_classes, parameterisation=cfg.param)
         return MLPDenoiser(shape=self.image_shape, hidden=hidden, blocks=blocks, num_classes=cfg.num_classes,
-                           parameterisation=cfg.param, expansion=expansion)
+                           parameterisation=cfg.param, expansion=expansion, guidance_input=guidance_input)
 
     def build_student(self) -> torch.nn.Module:
         cfg = self.model_config
         if cfg.teacher_format == "diffusers":
             if (cfg.student_param or cfg.student_hidden or cfg.student_blocks or cfg.student_expansion
-                    or cfg.student_experts):
-                raise ValueError("model.student_param, student_hidden, student_blocks, student_expansion and "
-                                 "student_experts are not supported with a diffusers teacher")
+                    or cfg.student_experts or cfg.student_guidance_input):
+                raise ValueError("model.student_param, student_hidden, student_blocks, student_expansion, "
+                                 "student_experts and student_guidance_input are not supported with a diffusers "
+                                 "teacher")
             from kdlib.diffusion.diffusers_io import diffusers_consistency_student
 
             return diffusers_consistency_student(self.build_teacher())
-        if not (cfg.student_hidden or cfg.student_blocks or cfg.student_expansion):
+        if not (cfg.student_hidden or cfg.student_blocks or cfg.student_expansion or cfg.student_guidance_input):
             net = self.build_teacher()
         else:
             net = self._network(cfg.student_hidden or cfg.hidden, cfg.student_blocks or cfg.blocks,
-                                cfg.student_expansion or 2)
+                                cfg.student_expansion or 2, cfg.student_guidance_input)
         student_param = cfg.student_param
         if cfg.student_experts:
             if student_param and student_param != self.param.name:
@@ -242,8 +246,12 @@ class ImageGenDomain(Domain):
                  guidance: float | None = None) -> torch.Tensor:
         """Samples [N, C, H, W] in [-1, 1]: a student's own few-step consistency sampler
         (``few_step_sample``: edge to edge for a segmented student), the teacher's ODE sampler
-        otherwise, at ``guidance`` (default: model.guidance)."""
+        otherwise, at ``guidance`` (default: model.guidance; a student with a guidance input,
+        ``student_guidance_input``, takes that w as its input)."""
         cond = {"y": labels if self.model_config.num_classes else torch.full_like(labels, -1)}
+        if isinstance(model, ConsistencyModel) and self.model_config.student_guidance_input:
+            w = self.model_config.guidance if guidance is None else guidance
+            cond["guidance"] = torch.full(labels.shape, float(w), device=noise.device)
         if isinstance(model, ConsistencyModel):
             out = few_step_sample(model, model.param, noise, steps,
                                   generator=torch.Generator(noise.device).manual_seed(7), **cond)

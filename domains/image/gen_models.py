@@ -28,14 +28,19 @@ class ResidualBlock(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """net(x, t, y) -> prediction of x's shape. x: [B, C, H, W]; t: [B]; y: [B] labels, -1 (the
-    null condition of ``kdlib.diffusion.guidance``) or None for unconditional.
+    """net(x, t, y, guidance=None) -> prediction of x's shape. x: [B, C, H, W]; t: [B]; y: [B]
+    labels, -1 (the null condition of ``kdlib.diffusion.guidance``) or None for unconditional.
+
+    ``guidance_input``: the network also takes a CFG scale w [B] (``guidance``; None: w = 1), as
+    LCM's w-conditioned student (Luo et al. 2023, §4.2), so that one student samples at any scale
+    it was distilled over; its embedding's output layer starts at zero, so a student grown from a
+    teacher without it (``grow_from``) starts as that teacher at every w.
 
     ``parameterisation`` records what it was trained for (checked by the methods)."""
 
     def __init__(self, shape: tuple[int, int, int] = (1, 28, 28), hidden: int = 384, blocks: int = 3,
                  num_classes: int = 10, parameterisation: str = "fm", time_scale: float = 1000.0,
-                 expansion: int = 2):
+                 expansion: int = 2, guidance_input: bool = False):
         super().__init__()
         self.shape, self.num_classes, self.parameterisation = tuple(shape), num_classes, parameterisation
         dim = shape[0] * shape[1] * shape[2]
@@ -49,17 +54,27 @@ class MLPDenoiser(nn.Module):
         # ε − x0 = (x_t − x0)/t carry the full-dimensional noise, which a narrow hidden layer
         # cannot pass through; this skip path can.
         self.skip = nn.Linear(hidden, 1)
-        for layer in (self.out, self.skip):
+        self.w_embed = TimestepEmbedder(hidden, scale=time_scale) if guidance_input else None
+        zero = [self.out, self.skip] + ([self.w_embed.mlp[2]] if guidance_input else [])
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"MLPDenoiser: expected images of shape {self.shape}, got {tuple(x.shape[1:])}")
+        if guidance is not None and self.w_embed is None:
+            raise ValueError("MLPDenoiser: this network takes no guidance input (build it with guidance_input=True, "
+                             "e.g. model.student_guidance_input: true)")
         if y is None:
             y = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
         labels = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
-        c = torch.nn.functional.silu(self.t_embed(t) + self.y_embed(labels))
+        c = self.t_embed(t) + self.y_embed(labels)
+        if self.w_embed is not None:
+            w = guidance if guidance is not None else torch.ones_like(t)
+            c = c + self.w_embed(w.to(t.dtype).expand(x.shape[0]))
+        c = torch.nn.functional.silu(c)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, c)

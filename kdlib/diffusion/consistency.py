@@ -164,11 +164,12 @@ def ict_discretisation_steps(step: int, total_steps: int, s0: int = 10, s1: int 
 
 
 def solver_step(net, param: Parameterisation, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                cond: dict[str, torch.Tensor], guidance: float = 1.0, eta: float = 0.0, substeps: int = 1,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                cond: dict[str, torch.Tensor], guidance: float | torch.Tensor = 1.0, eta: float = 0.0,
+                substeps: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
     """A teacher's solver step x_t -> x_s of consistency distillation: ``substeps`` DDIM steps of
-    ``net`` (CFG scale ``guidance``), evenly spaced in t. η = 0 follows the PF-ODE (LCM's skipping
-    step); η > 0 is the stochastic DDIM/SDE step with fresh noise at every sub-step (SCott).
+    ``net`` (CFG scale ``guidance``: a number, or one per sample [B]), evenly spaced in t. η = 0
+    follows the PF-ODE (LCM's skipping step); η > 0 is the stochastic DDIM/SDE step with fresh
+    noise at every sub-step (SCott).
     x_t: [B, ...]; t, s: [B] float64 times with s ≤ t. Costs ``substeps`` NFE (2× with guidance)."""
     # The end points are kept exact (not t + (s − t)·1) so one sub-step is CD's step bit for bit.
     times = [t, *(t + (s - t) * (j / substeps) for j in range(1, substeps)), s]

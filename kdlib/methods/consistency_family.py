@@ -7,7 +7,7 @@ target network and the trainer's step. Not a method itself: nothing here is regi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +66,11 @@ class ConsistencyDistillationConfig:
     num_intervals: int = 20  # N
     skip: int = 1  # k: teacher solver step in intervals
     guidance: float = 1.0  # w of the CFG-augmented teacher step
+    # [w_lo, w_hi]: the student absorbs CFG as an input instead of a fixed w (LCM §4.2's
+    # w-conditioned student): each sample's teacher step is guided at its own w ~ U[w_lo, w_hi] and
+    # the student and its target see that w (condition key ``guidance``, [B]); the student then
+    # samples at any w of the range in one pass. Empty: the fixed ``guidance``.
+    guidance_input: list[float] = field(default_factory=list)
     distance: str = "pseudo_huber"
     c: float = 0.0  # distance scale; 0: 0.00054·sqrt(values per sample)
     target: str = "online"  # online | ema
@@ -110,9 +115,29 @@ class ConsistencyFamily(Method):
         if student.model.param.name != config.param:
             raise ValueError(f"{name}: student is a {student.model.param.name!r} model, "
                              f"method_args.param is {config.param!r}")
+        if config.guidance_input:
+            lo_hi = config.guidance_input
+            if not self.supports_guidance_input:
+                raise ValueError(f"{name}: guidance_input is supported by consistency_distillation and multistep_cd")
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"{name}: guidance_input must be [w_lo, w_hi] with 0 <= w_lo <= w_hi; got {lo_hi!r}")
+            if config.guidance != 1.0:
+                raise ValueError(f"{name}: set either guidance (a fixed w) or guidance_input (a range the student "
+                                 f"takes as an input), not both; got guidance={config.guidance}")
         if config.init_from_teacher:
             init_student_from_teacher(student, teacher)
         self.step = 0
+
+    supports_guidance_input = False  # methods whose loss calls ``guidance_draw``
+
+    def guidance_draw(self, b: int, device) -> tuple[float | torch.Tensor, dict[str, torch.Tensor]]:
+        """(w for the teacher's guided step, extra condition for the student and its target): the
+        fixed ``guidance`` and {}; with ``guidance_input``, w [B] ~ U[w_lo, w_hi] and {"guidance": w}."""
+        if not self.config.guidance_input:
+            return self.config.guidance, {}
+        lo, hi = self.config.guidance_input
+        w = lo + (hi - lo) * torch.rand(b, device=device, dtype=torch.float64)
+        return w, {"guidance": w.float()}
 
     def update_groups(self, step: int) -> list[str]:
         self.step = step

@@ -81,6 +81,7 @@ class MultistepCDConfig(ConsistencyDistillationConfig):
 @register_method("multistep_cd")
 class MultistepCD(ConsistencyFamily):
     Config = MultistepCDConfig
+    supports_guidance_input = True
 
     def __init__(self, config, student, teacher):
         super().__init__(config, student, teacher)
@@ -93,6 +94,9 @@ class MultistepCD(ConsistencyFamily):
         check_range(self.name, "regression_weight", config.regression_weight, 0.0)
         check_choice(self.name, "regression_distance", config.regression_distance, DISTANCES)
         check_choice(self.name, "clean_states", config.clean_states, CLEAN_STATES)
+        if config.guidance_input and self.needs_ode_pairs:
+            raise ValueError("multistep_cd: guidance_input cannot be combined with regression_weight or "
+                             "clean_states=teacher (the teacher's ODE pairs are drawn at one fixed guidance)")
         self._set_segments(self.segments_at(0))
 
     @property
@@ -134,10 +138,11 @@ class MultistepCD(ConsistencyFamily):
         t, s, e = grid[n + cfg.skip], grid[torch.maximum(n, lower)], grid[lower]
         x_t = self.param.add_noise(x0, torch.randn_like(x0), t.to(dtype))
         scale = expand(torch.sqrt(sum(v**2 for v in self.param.alpha_sigma(e))), x0)
+        w, w_cond = self.guidance_draw(b, x0.device)
         with torch.no_grad():
-            x_s = solver_step(self.teacher, self.param, x_t, t, s, cond, cfg.guidance)
-            target = self.target_model()(x_s, s.to(dtype), edge=e.to(dtype), **cond)
-        online = self.student(x_t, t.to(dtype), edge=e.to(dtype), **cond)
+            x_s = solver_step(self.teacher, self.param, x_t, t, s, cond, w)
+            target = self.target_model()(x_s, s.to(dtype), edge=e.to(dtype), **cond, **w_cond)
+        online = self.student(x_t, t.to(dtype), edge=e.to(dtype), **cond, **w_cond)
         loss = consistency_distance(online / scale, target / scale, cfg.distance, cfg.c)
         stats = {"multistep_cd/segments": float(segments)}
         if cfg.regression_weight > 0:
