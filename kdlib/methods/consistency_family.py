@@ -118,7 +118,8 @@ class ConsistencyFamily(Method):
         if config.guidance_input:
             lo_hi = config.guidance_input
             if not self.supports_guidance_input:
-                raise ValueError(f"{name}: guidance_input is supported by consistency_distillation and multistep_cd")
+                raise ValueError(f"{name}: guidance_input is supported by consistency_distillation, scott and "
+                                 "multistep_cd")
             if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
                 raise ValueError(f"{name}: guidance_input must be [w_lo, w_hi] with 0 <= w_lo <= w_hi; got {lo_hi!r}")
             if config.guidance != 1.0:

@@ -48,7 +48,7 @@ class SCott(ConsistencyDistillation):
         check_range(self.name, "eta", config.eta, 0.0, 1.0)
         check_range(self.name, "substeps", config.substeps, 1)
 
-    def teacher_step(self, x_t, t, s, cond):
+    def teacher_step(self, x_t, t, s, cond, guidance=None):
         cfg = self.config
-        return solver_step(self.teacher, self.param, x_t, t, s, cond, cfg.guidance, eta=cfg.eta,
-                           substeps=cfg.substeps)
+        w = cfg.guidance if guidance is None else guidance
+        return solver_step(self.teacher, self.param, x_t, t, s, cond, w, eta=cfg.eta, substeps=cfg.substeps)

@@ -88,7 +88,7 @@ def test_bad_options_are_clear_errors():
         _method("consistency_distillation", guidance_input=[3.0])
     with pytest.raises(ValueError, match="either guidance.*or guidance_input"):
         _method("consistency_distillation", guidance=2.0, guidance_input=[1.0, 3.0])
-    with pytest.raises(ValueError, match="supported by consistency_distillation and multistep_cd"):
+    with pytest.raises(ValueError, match="supported by consistency_distillation, scott and multistep_cd"):
         _method("tbcm", guidance_input=[1.0, 3.0])
     with pytest.raises(ValueError, match="takes no guidance input"):
         _teacher()(torch.randn(2, 1, 4, 4), torch.rand(2), guidance=torch.ones(2))
