@@ -62,7 +62,8 @@ class TAIDKD(Method):
         return super().update_groups(step)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        state = {f"taid/{k}": v for k, v in self.taid.state_dict().items()}
+        # Checkpoints refuse non-finite tensors: the "no loss yet" NaN of last_loss stays out.
+        state = {f"taid/{k}": v for k, v in self.taid.state_dict().items() if bool(torch.isfinite(v).all())}
         if self._last_step is not None:
             state["last_step"] = torch.tensor(self._last_step)
             if self._step_losses:  # the mean update_groups applies at the next step
@@ -72,7 +73,10 @@ class TAIDKD(Method):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if not tensors:
             return  # update_groups rejoins the linear floor (see the module docstring)
-        self.taid.load_state_dict({k[len("taid/"):]: v for k, v in tensors.items() if k.startswith("taid/")})
+        schedule = {k[len("taid/"):]: v for k, v in tensors.items() if k.startswith("taid/")}
+        for key, value in self.taid.state_dict().items():  # a missing last_loss keeps its NaN
+            if key in schedule:
+                value.copy_(schedule[key])
         if "last_step" in tensors:
             self._last_step = int(tensors["last_step"])
             self._step_losses = [tensors["pending_loss"]] if "pending_loss" in tensors else []

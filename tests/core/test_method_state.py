@@ -65,6 +65,24 @@ def test_a_resumed_run_ends_as_one_that_was_not_stopped(tmp_path, kind):
         assert float(straight.taid.lam) == float(resumed.taid.lam) > 0.4
 
 
+def test_taid_checkpoints_from_its_first_step(tmp_path):
+    """Before its first λ update TAID's last loss is NaN: the checkpoint (which refuses non-finite
+    tensors) leaves it out, and a resume from step 1 ends as an uninterrupted run."""
+    def fit(stage_dir, steps):
+        cfg = TrainConfig(steps=steps, batch_size=32, lr=3e-3, schedule="constant", checkpoint_every=1, log_every=1,
+                          progress=False, device="cpu")
+        method = _taid_method()
+        Trainer(method, _data("taid_kd"), cfg, stage_dir=stage_dir, seed=0).fit()
+        return method
+
+    straight = fit(tmp_path / "straight", 3)
+    fit(tmp_path / "stopped", 1)
+    resumed = fit(tmp_path / "stopped", 3)
+    for a, b in zip(straight.student.model.state_dict().values(), resumed.student.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert float(straight.taid.lam) == float(resumed.taid.lam)
+
+
 @pytest.mark.parametrize("kind", ["tbcm", "reflow"])
 def test_the_checkpoint_holds_the_cache_being_served(tmp_path, kind):
     method = _fit(CASES[kind](), kind, tmp_path / "run", 5)
