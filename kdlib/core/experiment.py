@@ -35,6 +35,7 @@ from kdlib.core.method import METHODS
 from kdlib.core.models import Student, Teacher
 from kdlib.core.run_config import TrainConfig, resolve_config
 from kdlib.core.stages import StagePlan, load_start, previous_student, student_stages
+from kdlib.core.state import unprefixed
 from kdlib.core.trainer import Trainer, resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -244,7 +245,7 @@ class Experiment:
 
 
 def _load_prefix(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-    module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    module.load_state_dict(unprefixed(tensors, prefix))
 
 
 def _count(model: torch.nn.Module) -> int:

@@ -45,6 +45,7 @@ from kdlib.core.checkpoint import CheckpointError, latest_checkpoint
 from kdlib.core.config import ConfigError, build, deep_merge, merge_recipe
 from kdlib.core.models import Student
 from kdlib.core.run_config import TrainConfig, check_train
+from kdlib.core.state import unprefixed
 
 NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 
@@ -174,7 +175,7 @@ def previous_student(stage_dir: Path, which: str, steps: int) -> dict[str, torch
         raise CheckpointError(f"{stage_dir} should end with its step-{steps} checkpoint to start the next stage "
                               f"from, but {got}")
     prefix = "ema/0/" if which == "ema" else "model/student/"
-    state = {k[len(prefix):]: v for k, v in found.tensors.items() if k.startswith(prefix)}
+    state = unprefixed(found.tensors, prefix)
     if not state:
         raise CheckpointError(f"checkpoint {found.path} holds no {which} student ({prefix}*)")
     return state

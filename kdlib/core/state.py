@@ -15,6 +15,17 @@ import numpy as np
 import torch
 
 
+def prefixed(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` under checkpoint keys ``prefix + name``."""
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(tensors: dict[str, Any], prefix: str, device: torch.device | str | None = None) -> dict[str, Any]:
+    """The entries of ``tensors`` whose key starts with ``prefix``, by the rest of the key (moved to
+    ``device`` when given): ``prefixed``'s inverse."""
+    return {k[len(prefix):]: v if device is None else v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def flatten_state(prefix: str, state: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Move every tensor of a nested dict/list into ``tensors`` (key ``prefix/path``), return the
     JSON-able skeleton with ``{"__tensor__": key}`` placeholders."""

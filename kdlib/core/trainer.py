@@ -44,11 +44,13 @@ from kdlib.core.run_config import TrainConfig
 from kdlib.core.state import (
     capture_rng,
     flatten_state,
+    prefixed,
     restore_rng,
     restore_torch_rng,
     seed_rank,
     torch_rng_tensors,
     unflatten_state,
+    unprefixed,
 )
 
 
@@ -218,9 +220,8 @@ class Trainer:
         main state) and the method's state (``Method.state_tensors``: caches differ per rank)."""
         rank = self.dist.rank
         tensors = torch_rng_tensors(f"rng/rank{rank}/") if rank else {}
-        for key, value in self.method.state_tensors().items():
-            tensors[f"method/rank{rank}/{key}"] = value.detach().to("cpu")
-        return tensors
+        state = {k: v.detach().to("cpu") for k, v in self.method.state_tensors().items()}
+        return {**tensors, **prefixed(f"method/rank{rank}/", state)}
 
     def save(self) -> None:
         # Every rank takes part: each sends its own RNG streams and method state to rank 0.
@@ -235,8 +236,7 @@ class Trainer:
         distributed.barrier()
 
     def _load_module(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(unprefixed(tensors, prefix), strict=True)
 
     def restore(self) -> bool:
         """Load the newest valid checkpoint of this stage, if any; True if one was loaded."""
@@ -281,8 +281,7 @@ class Trainer:
         seed_rank(self.seed + step, rank, self.description)
 
     def _restore_method_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
-        prefix = f"method/rank{self.dist.rank}/"
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = unprefixed(tensors, f"method/rank{self.dist.rank}/")
         written_by = meta.get("world_size", 1)
         if written_by != self.dist.world_size and any(k.startswith("method/") for k in tensors):
             warnings.warn(

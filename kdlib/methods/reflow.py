@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from kdlib.core.method import Method, register_method
+from kdlib.core.state import prefixed, unprefixed
 from kdlib.diffusion.consistency import ConsistencyModel
 from kdlib.diffusion.param import get_parameterisation
 from kdlib.diffusion.rectified_flow import sample_u_shaped, straight_path
@@ -122,17 +123,15 @@ class Reflow(Method):
         if self._pairs is None:
             return {}
         served, z, x, cond = self._pairs
-        return {"pairs/served": torch.tensor(served), "pairs/z": z, "pairs/x": x,
-                **{f"pairs/cond/{k}": v for k, v in cond.items()}}
+        return {"pairs/served": torch.tensor(served), "pairs/z": z, "pairs/x": x, **prefixed("pairs/cond/", cond)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if not tensors:
             self._pairs = None
             return
         device = next(self.student.model.parameters()).device
-        cond = {k[len("pairs/cond/"):]: v.to(device) for k, v in tensors.items() if k.startswith("pairs/cond/")}
         self._pairs = (int(tensors["pairs/served"]), tensors["pairs/z"].to(device), tensors["pairs/x"].to(device),
-                       cond)
+                       unprefixed(tensors, "pairs/cond/", device))
 
     # -- the pieces -------------------------------------------------------------------------------
     @torch.no_grad()

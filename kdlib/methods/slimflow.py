@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from kdlib.core.method import register_method
+from kdlib.core.state import prefixed, unprefixed
 from kdlib.methods.consistency_family import check_choice, check_range
 from kdlib.methods.flow_matching import split_batch
 from kdlib.methods.reflow import Reflow, ReflowConfig
@@ -143,12 +144,12 @@ class SlimFlow(Reflow):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = super().state_tensors()
         if self.guide.is_taken:
-            state.update({f"guide/{k}": v for k, v in self.guide.state_dict().items()})
+            state.update(prefixed("guide/", self.guide.state_dict()))
         return state
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("guide/")})
-        guide = {k[len("guide/"):]: v for k, v in tensors.items() if k.startswith("guide/")}
+        guide = unprefixed(tensors, "guide/")
         if guide:
             self.guide.load_state_dict(guide)
 

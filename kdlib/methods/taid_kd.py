@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kdlib.core.method import Method, register_method
+from kdlib.core.state import prefixed, unprefixed
 from kdlib.objectives import TAID, cross_entropy
 
 
@@ -63,7 +64,7 @@ class TAIDKD(Method):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         # Checkpoints refuse non-finite tensors: the "no loss yet" NaN of last_loss stays out.
-        state = {f"taid/{k}": v for k, v in self.taid.state_dict().items() if bool(torch.isfinite(v).all())}
+        state = prefixed("taid/", {k: v for k, v in self.taid.state_dict().items() if bool(torch.isfinite(v).all())})
         if self._last_step is not None:
             state["last_step"] = torch.tensor(self._last_step)
             if self._step_losses:  # the mean update_groups applies at the next step
@@ -73,7 +74,7 @@ class TAIDKD(Method):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if not tensors:
             return  # update_groups rejoins the linear floor (see the module docstring)
-        schedule = {k[len("taid/"):]: v for k, v in tensors.items() if k.startswith("taid/")}
+        schedule = unprefixed(tensors, "taid/")
         for key, value in self.taid.state_dict().items():  # a missing last_loss keeps its NaN
             if key in schedule:
                 value.copy_(schedule[key])

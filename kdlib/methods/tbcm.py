@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from kdlib.core.method import register_method
+from kdlib.core.state import prefixed, unprefixed
 from kdlib.diffusion.consistency import discretisation, solver_step
 from kdlib.methods.consistency_family import (
     ConsistencyDistillationConfig,
@@ -60,16 +61,15 @@ class TBCM(ConsistencyFamily):
         if self._cache is None:
             return {}
         step, states, cond = self._cache
-        return {"cache/step": torch.tensor(step), "cache/states": states,
-                **{f"cache/cond/{k}": v for k, v in cond.items()}}
+        return {"cache/step": torch.tensor(step), "cache/states": states, **prefixed("cache/cond/", cond)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if not tensors:
             self._cache = None
             return
         device = next(self.student.model.parameters()).device
-        cond = {k[len("cache/cond/"):]: v.to(device) for k, v in tensors.items() if k.startswith("cache/cond/")}
-        self._cache = (int(tensors["cache/step"]), tensors["cache/states"].to(device), cond)
+        self._cache = (int(tensors["cache/step"]), tensors["cache/states"].to(device),
+                       unprefixed(tensors, "cache/cond/", device))
 
     @torch.no_grad()
     def trajectory(self, like: torch.Tensor, cond: dict[str, torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
