@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdlib.kernels.triton._tma import descriptors, tma_ready
+from kdlib.kernels.triton._tma import descriptors, load_tile, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -63,17 +63,6 @@ TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (64, 64, 4, 3), 128: (1
 
 
 @triton.jit
-def _key_tile(desc, ptrs, b, h, start_n, mask, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, USE_TMA: tl.constexpr):
-    """A [BLOCK_N, D_PAD] tile of keys from ``start_n``: by TMA descriptor (rows past Nk and columns
-    past D read as zero) or by masked pointers."""
-    if USE_TMA:
-        tile = desc.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, D_PAD)
-    else:
-        tile = tl.load(ptrs, mask=mask, other=0.0)
-    return tile
-
-
-@triton.jit
 def _jvp_key_blocks(
     acc_o, acc_t, l_i, m_i, r_i, c_i,
     q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, k_desc, tk_desc, v_desc, tv_desc, b, h,
@@ -90,10 +79,10 @@ def _jvp_key_blocks(
             ld_mask = (cols[:, None] < n_k) & d_ok[None, :]
         else:
             ld_mask = d_ok[None, :]
-        k = _key_tile(k_desc, k_ptrs + start_n * stride_kn, b, h, start_n, ld_mask, BLOCK_N, D_PAD, USE_TMA)
-        tk = _key_tile(tk_desc, tk_ptrs + start_n * stride_tkn, b, h, start_n, ld_mask, BLOCK_N, D_PAD, USE_TMA)
-        v = _key_tile(v_desc, v_ptrs + start_n * stride_vn, b, h, start_n, ld_mask, BLOCK_N, D_PAD, USE_TMA)
-        tv = _key_tile(tv_desc, tv_ptrs + start_n * stride_tvn, b, h, start_n, ld_mask, BLOCK_N, D_PAD, USE_TMA)
+        k = load_tile(k_desc, k_ptrs + start_n * stride_kn, ld_mask, b, h, start_n, BLOCK_N, D_PAD, USE_TMA)
+        tk = load_tile(tk_desc, tk_ptrs + start_n * stride_tkn, ld_mask, b, h, start_n, BLOCK_N, D_PAD, USE_TMA)
+        v = load_tile(v_desc, v_ptrs + start_n * stride_vn, ld_mask, b, h, start_n, BLOCK_N, D_PAD, USE_TMA)
+        tv = load_tile(tv_desc, tv_ptrs + start_n * stride_tvn, ld_mask, b, h, start_n, BLOCK_N, D_PAD, USE_TMA)
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         ds = tl.dot(tq, tl.trans(k), input_precision=PRECISION)

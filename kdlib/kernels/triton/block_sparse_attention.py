@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdlib.kernels.triton._tma import descriptors, tma_ready
+from kdlib.kernels.triton._tma import descriptors, load_tile, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -79,17 +79,25 @@ def _next_start(index_list, next_block, it, n_iter, SUBS: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _load_tile(desc, ptrs, b, h, start, rows_ok, d_ok, ROWS: tl.constexpr, D_PAD: tl.constexpr,
-               EVEN: tl.constexpr, USE_TMA: tl.constexpr):
-    """A [ROWS, D_PAD] tile of one (b, h) from row ``start``: through the TMA descriptor ``desc``
-    (rows past N and columns past D read as zero), else by pointers with masks."""
-    if USE_TMA:
-        tile = desc.load([b.to(tl.int32), h.to(tl.int32), start.to(tl.int32), 0]).reshape(ROWS, D_PAD)
-    elif EVEN:
-        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+def _rows_mask(rows_ok, d_ok, EVEN: tl.constexpr):
+    """The pointer loads' mask of a tile: the head dim's padding, and rows past N unless EVEN."""
+    if EVEN:
+        mask = d_ok[None, :]
     else:
-        tile = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    return tile
+        mask = rows_ok[:, None] & d_ok[None, :]
+    return mask
+
+
+@triton.jit
+def _key_value_tiles(K_DESC, V_DESC, k_ptrs, v_ptrs, skn, svn, b, h, start_n, offs_n, n_k, d_ok,
+                     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """(key_ok [BLOCK_N], k, v [BLOCK_N, D_PAD]) of the key tile from ``start_n`` (forward and dQ)."""
+    key_ok = (start_n + offs_n) < n_k
+    mask = _rows_mask(key_ok, d_ok, EVEN_K)
+    row = start_n.to(tl.int32)  # TMA coordinates are int32
+    k = load_tile(K_DESC, k_ptrs + start_n * skn, mask, b, h, row, BLOCK_N, D_PAD, USE_TMA)
+    v = load_tile(V_DESC, v_ptrs + start_n * svn, mask, b, h, row, BLOCK_N, D_PAD, USE_TMA)
+    return key_ok, k, v
 
 
 @triton.jit
@@ -130,9 +138,8 @@ def _forward_kernel(
     next_block = tl.load(index_row)  # every layout row has at least one entry (0 when empty)
     for it in range(0, n_iter):
         start_n, next_block = _next_start(index_row, next_block, it, n_iter, SUBS, BK, BLOCK_N)
-        key_ok = (start_n + offs_n) < n_k
-        k = _load_tile(K_DESC, k_ptrs + start_n * skn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
-        v = _load_tile(V_DESC, v_ptrs + start_n * svn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
+        key_ok, k, v = _key_value_tiles(K_DESC, V_DESC, k_ptrs, v_ptrs, skn, svn, b, h, start_n, offs_n, n_k, d_ok,
+                                        BLOCK_N, D_PAD, EVEN_K, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if not EVEN_K:
             s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -216,9 +223,9 @@ def _dkdv_kernel(
         start_m, next_block = _next_start(index_col, next_block, it, n_iter, SUBS, BQ, BLOCK_M)
         rows = start_m + offs_m
         row_ok = rows < n_q
-        q = _load_tile(Q_DESC, q_ptrs + start_m * sqn, b, h, start_m, row_ok, d_ok, BLOCK_M, D_PAD, False, USE_TMA)
-        do = _load_tile(DO_DESC, do_ptrs + start_m * sdon, b, h, start_m, row_ok, d_ok, BLOCK_M, D_PAD, False,
-                        USE_TMA)
+        mask = _rows_mask(row_ok, d_ok, False)
+        q = load_tile(Q_DESC, q_ptrs + start_m * sqn, mask, b, h, start_m.to(tl.int32), BLOCK_M, D_PAD, USE_TMA)
+        do = load_tile(DO_DESC, do_ptrs + start_m * sdon, mask, b, h, start_m.to(tl.int32), BLOCK_M, D_PAD, USE_TMA)
         lse2 = tl.load(LSE + row_stats + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + row_stats + rows, mask=row_ok, other=0.0)
         # Transposed tiles ([keys, queries]) so dK, dV accumulate without transposing P.
@@ -274,9 +281,8 @@ def _dq_kernel(
     next_block = tl.load(index_row)  # every layout row has at least one entry (0 when empty)
     for it in range(0, n_iter):
         start_n, next_block = _next_start(index_row, next_block, it, n_iter, SUBS, BK, BLOCK_N)
-        key_ok = (start_n + offs_n) < n_k
-        k = _load_tile(K_DESC, k_ptrs + start_n * skn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
-        v = _load_tile(V_DESC, v_ptrs + start_n * svn, b, h, start_n, key_ok, d_ok, BLOCK_N, D_PAD, EVEN_K, USE_TMA)
+        key_ok, k, v = _key_value_tiles(K_DESC, V_DESC, k_ptrs, v_ptrs, skn, svn, b, h, start_n, offs_n, n_k, d_ok,
+                                        BLOCK_N, D_PAD, EVEN_K, USE_TMA)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
         if not EVEN_K:
             # A zero key scores 0, and exp2(0 − LSE2) may overflow when every real score is very
