@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdlib.diffusion.guidance import labels_with_null
 from kdlib.nn.embeddings import TimestepEmbedder
 
 
@@ -67,10 +68,7 @@ class MLPDenoiser(nn.Module):
         if guidance is not None and self.w_embed is None:
             raise ValueError("MLPDenoiser: this network takes no guidance input (build it with guidance_input=True, "
                              "e.g. model.student_guidance_input: true)")
-        if y is None:
-            y = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
-        labels = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
-        c = self.t_embed(t) + self.y_embed(labels)
+        c = self.t_embed(t) + self.y_embed(labels_with_null(y, x.shape[0], self.num_classes, x.device))
         if self.w_embed is not None:
             w = guidance if guidance is not None else torch.ones_like(t)
             c = c + self.w_embed(w.to(t.dtype).expand(x.shape[0]))
@@ -146,11 +144,7 @@ class DiTDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"DiTDenoiser: expected images of shape {self.shape}, got {tuple(x.shape[1:])}")
-        labels = None
-        if self.num_classes:
-            if y is None:
-                y = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
-            labels = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
+        labels = labels_with_null(y, x.shape[0], self.num_classes, x.device) if self.num_classes else None
         return self.dit(x, t, y=labels)
 
 

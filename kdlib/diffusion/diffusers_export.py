@@ -28,6 +28,7 @@ from kdlib.diffusion.diffusers_io import (
     DiffusersNet,
     LCMConsistencyModel,
     denoiser_output,
+    denoiser_traits,
     locate,
     require_diffusers,
 )
@@ -106,10 +107,9 @@ def sample_exported(folder: str | Path, noise: torch.Tensor, steps: int, generat
     model_dir, _ = locate(folder)
     class_name = json.loads((model_dir / "config.json").read_text())["_class_name"]
     network = getattr(diffusers, class_name).from_pretrained(str(model_dir), local_files_only=True).eval()
-    learned_sigma = class_name == "DiTTransformer2DModel" and (
-        (network.config.out_channels or network.config.in_channels) == 2 * network.config.in_channels)
-    if class_name == "DiTTransformer2DModel" and class_labels is None:
-        class_labels = torch.full((noise.shape[0],), network.config.num_embeds_ada_norm, dtype=torch.long)
+    _, own_null, learned_sigma = denoiser_traits(network)
+    if class_labels is None and own_null is not None:  # a DiT needs labels: its CFG row
+        class_labels = torch.full((noise.shape[0],), own_null, dtype=torch.long)
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     grid = config["kdlib_student_timesteps"].get(str(steps))
     if grid is None:

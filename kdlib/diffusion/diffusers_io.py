@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kdlib.diffusion.consistency import ConsistencyModel
+from kdlib.diffusion.guidance import labels_with_null
 from kdlib.diffusion.param import DiscreteVP, Parameterisation, get_parameterisation
 
 # Schedulers whose training path is the discrete DDPM one (they differ only in how they sample).
@@ -106,17 +107,11 @@ class DiffusersNet(nn.Module):
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        channels = unet.config.in_channels
-        self.image_shape = (channels, *size)
+        self.image_shape = (unet.config.in_channels, *size)
         self.is_transformer = type(unet).__name__ == "DiTTransformer2DModel"
-        if self.is_transformer:
-            self.num_classes = unet.config.num_embeds_ada_norm or 0
-            if null_class is None and self.num_classes:
-                self.null_class = self.num_classes  # DiT's label table ends with the CFG row
-            self.learned_sigma = (unet.config.out_channels or channels) == 2 * channels
-        else:
-            self.num_classes = unet.config.num_class_embeds or 0
-            self.learned_sigma = False
+        self.num_classes, own_null, self.learned_sigma = denoiser_traits(unet)
+        if self.null_class is None:
+            self.null_class = own_null
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The diffusers timestep [B] (float32) for kdlib network times t [B]."""
@@ -129,13 +124,12 @@ class DiffusersNet(nn.Module):
     def class_labels(self, y: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         if not self.num_classes:
             return None
-        if y is None:
-            y = torch.full((batch,), -1, device=device, dtype=torch.long)
-        if bool((y < 0).any()):
-            if self.null_class is None:
-                raise ValueError("this diffusers network has no null class (null_class=None): it cannot run "
-                                 "unconditionally or with classifier-free guidance")
-            y = torch.where(y < 0, torch.full_like(y, self.null_class), y)
+        if self.null_class is not None:
+            return labels_with_null(y, batch, self.null_class, device)
+        # Only a network without a null class looks at the labels (a host sync), to refuse null ones.
+        if y is None or bool((y < 0).any()):
+            raise ValueError("this diffusers network has no null class (null_class=None): it cannot run "
+                             "unconditionally or with classifier-free guidance")
         return y.long()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,8 +142,16 @@ class DiffusersNet(nn.Module):
         return denoiser_output(out, x.shape[1], self.learned_sigma).to(x.dtype)
 
 
-# The name before DiT teachers were supported; kept for imports.
-DiffusersUNet = DiffusersNet
+def denoiser_traits(network: nn.Module) -> tuple[int, int | None, bool]:
+    """(classes, its own null class or None, learned variance) of a diffusers UNet2DModel /
+    DiTTransformer2DModel: a DiT's label table ends with its classifier-free-guidance row (index
+    num_classes), and a DiT with out_channels = 2·in_channels also predicts the variance."""
+    config = network.config
+    if type(network).__name__ != "DiTTransformer2DModel":
+        return config.num_class_embeds or 0, None, False
+    classes = config.num_embeds_ada_norm or 0
+    learned_sigma = (config.out_channels or config.in_channels) == 2 * config.in_channels
+    return classes, (classes if classes else None), learned_sigma
 
 
 def denoiser_output(out: torch.Tensor, channels: int, learned_sigma: bool) -> torch.Tensor:

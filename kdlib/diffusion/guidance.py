@@ -16,6 +16,14 @@ def null_condition(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, -1) if not v.is_floating_point() else torch.zeros_like(v) for k, v in cond.items()}
 
 
+def labels_with_null(y: torch.Tensor | None, batch: int, null_index: int, device=None) -> torch.Tensor:
+    """Class labels [B] (long) for a network whose label table has its "no class" row at
+    ``null_index``: kdlib's null label (< 0), and no labels at all (y None), map to that row."""
+    if y is None:
+        return torch.full((batch,), null_index, device=device, dtype=torch.long)
+    return torch.where(y < 0, torch.full_like(y, null_index), y).long()
+
+
 def drop_condition(cond: dict[str, torch.Tensor], p: float,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Replace each sample's whole condition by the null one with probability ``p``."""
