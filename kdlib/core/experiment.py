@@ -139,14 +139,17 @@ class Experiment:
         )
         return student, trainer.fit()
 
-    def teacher(self) -> Teacher:
+    def teacher(self, *, train_if_missing: bool = True) -> Teacher:
+        """The run's teacher, in ``teacher.dtype``: from ``teacher.path``, the run's own
+        teacher.safetensors, the domain's pretrained weights, or (``train_if_missing``) trained now
+        and saved; without it a missing teacher.safetensors is an error."""
         cfg = self.cfg
         weights = self.run_dir / "teacher.safetensors"
         seed_everything(cfg.seeds[0])
         model = self.domain.build_teacher()
         if cfg.teacher.path is not None:
             self.domain.load_teacher_weights(model, cfg.teacher.path)
-        elif weights.exists():
+        elif weights.exists() or (not train_if_missing and not self.domain.teacher_is_pretrained):
             load_weights(model, weights)
         elif not self.domain.teacher_is_pretrained:
             teacher_method = METHODS.get(cfg.teacher.method)
@@ -220,13 +223,7 @@ class Experiment:
     def evaluate_saved(self) -> dict[str, Any]:
         """Evaluate the saved teacher and the newest checkpoint of every student stage again."""
         cfg = self.cfg
-        teacher_model = self.domain.build_teacher()
-        if cfg.teacher.path:
-            self.domain.load_teacher_weights(teacher_model, cfg.teacher.path)
-        elif not self.domain.teacher_is_pretrained:
-            load_weights(teacher_model, self.run_dir / "teacher.safetensors")
-        # In the dtype the run evaluated it in (teacher.dtype), not the fp32 it was loaded in.
-        teacher = Teacher(teacher_model, device=self.device, dtype=DTYPES[cfg.teacher.dtype])
+        teacher = self.teacher(train_if_missing=False)  # as the run built it, dtype included
         results: dict[str, Any] = {
             "teacher": self.evaluate_models({"teacher": teacher.model}),
             "params": {"teacher": _count(teacher.model), "student": _count(self.domain.build_student())},
