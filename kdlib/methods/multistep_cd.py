@@ -102,7 +102,7 @@ class MultistepCD(ConsistencyFamily):
     @property
     def needs_ode_pairs(self) -> bool:
         """Whether every batch must carry the teacher's ODE pairs (``PAIR_KEYS``): only when
-        regressing on them (``regression_weight`` > 0)."""
+        regressing on them (``regression_weight`` > 0) or noising their samples (``clean_states``)."""
         return self.config.regression_weight > 0 or self.config.clean_states == "teacher"
 
     def segments_at(self, step: int) -> int:
@@ -123,7 +123,7 @@ class MultistepCD(ConsistencyFamily):
     def loss(self, batch, group):
         cfg = self.config
         x0, cond, pairs = split_pairs(batch)
-        if (cfg.regression_weight > 0 or cfg.clean_states == "teacher") and set(PAIR_KEYS) - set(pairs):
+        if self.needs_ode_pairs and set(PAIR_KEYS) - set(pairs):
             raise ValueError(f"{self.name}: regression_weight > 0 and clean_states=teacher need the teacher's ODE "
                              f"pairs in every batch (keys {', '.join(PAIR_KEYS)}; a domain attaches them in "
                              "Domain.stage_data when the method's needs_ode_pairs is true)")

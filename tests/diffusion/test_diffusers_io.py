@@ -109,13 +109,12 @@ def test_recipe_param_mismatch_is_a_clear_error(ddpm_folder):
         load_diffusers_teacher(ddpm_folder, expected_param="vp-eps")
 
 
-def test_distill_export_and_sample_with_diffusers(ddpm_folder, tmp_path):
-    torch.manual_seed(1)
-    teacher_net = load_diffusers_teacher(ddpm_folder, "ddpm-eps", null_class=10)
+def distill_a_few_steps(teacher_net):
+    """A consistency student of ``teacher_net`` after 3 CD steps (ddpm-eps), in eval mode; its
+    weights must have moved and the loss stayed finite."""
     student = Student(diffusers_consistency_student(teacher_net))
-    teacher = Teacher(teacher_net)
-    config = ConsistencyDistillationConfig(param="ddpm-eps", num_intervals=10)
-    method = ConsistencyDistillation(config, student, teacher)
+    method = ConsistencyDistillation(ConsistencyDistillationConfig(param="ddpm-eps", num_intervals=10), student,
+                                     Teacher(teacher_net))
     optimiser = torch.optim.Adam(student.model.parameters(), lr=1e-3)
     batch = {"x": torch.rand(8, 1, 8, 8) * 2 - 1, "y": torch.arange(8) % 10}
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
@@ -126,23 +125,31 @@ def test_distill_export_and_sample_with_diffusers(ddpm_folder, tmp_path):
         optimiser.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in student.model.state_dict().items())
+    return student.model.eval()
 
-    model = student.model.eval()
-    out = export_diffusers(model, tmp_path / "export", steps=[1, 2, 4])
-    assert {p.name for p in out.iterdir()} >= {"model_index.json", "unet", "scheduler"}
-    labels = torch.tensor([1, 5, 9])
-    for steps in (1, 2, 4):
-        g = torch.Generator().manual_seed(5)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
+
+def assert_diffusers_samples_as_kdlib(model, out, step_counts, labels, seed):
+    """The exported folder's diffusers loop and kdlib's consistency sampler draw the same images."""
+    for steps in step_counts:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(labels), 1, 8, 8, generator=g)
         diffusers_loop = sample_exported(out, noise, steps, generator=g, class_labels=labels)
-        g = torch.Generator().manual_seed(5)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(labels), 1, 8, 8, generator=g)
         times = default_times(model.param, steps)
         # kdlib starts at σ(t_max)·noise, diffusers at noise: give kdlib the same initial state
         sigma_max = model.param.alpha_sigma(torch.tensor([times[0]]))[1]
         ours = consistency_sample(model, model.param, noise / sigma_max, times, generator=g, y=labels)
-        assert diffusers_loop.shape == (3, 1, 8, 8)
+        assert diffusers_loop.shape == (len(labels), 1, 8, 8)
         torch.testing.assert_close(diffusers_loop, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_distill_export_and_sample_with_diffusers(ddpm_folder, tmp_path):
+    torch.manual_seed(1)
+    model = distill_a_few_steps(load_diffusers_teacher(ddpm_folder, "ddpm-eps", null_class=10))
+    out = export_diffusers(model, tmp_path / "export", steps=[1, 2, 4])
+    assert {p.name for p in out.iterdir()} >= {"model_index.json", "unet", "scheduler"}
+    assert_diffusers_samples_as_kdlib(model, out, (1, 2, 4), torch.tensor([1, 5, 9]), seed=5)
 
 
 def test_unconditional_export_samples_through_diffusion_pipeline(tmp_path):
@@ -196,30 +203,8 @@ def test_dit_teacher_prediction_is_the_transformer_at_the_mapped_timestep(tmp_pa
 def test_dit_distill_export_reload_and_sample_with_diffusers(tmp_path, learned_sigma):
     torch.manual_seed(5)
     folder = save(tmp_path / "dit", tiny_dit(learned_sigma), DDPMScheduler())
-    teacher_net = load_diffusers_teacher(folder, "ddpm-eps")
-    student = Student(diffusers_consistency_student(teacher_net))
-    method = ConsistencyDistillation(ConsistencyDistillationConfig(param="ddpm-eps", num_intervals=10), student,
-                                     Teacher(teacher_net))
-    optimiser = torch.optim.Adam(student.model.parameters(), lr=1e-3)
-    batch = {"x": torch.rand(8, 1, 8, 8) * 2 - 1, "y": torch.arange(8) % 10}
-    for _ in range(3):
-        loss, _ = method.loss(batch, "student")
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    assert torch.isfinite(loss)
-    model = student.model.eval()
+    model = distill_a_few_steps(load_diffusers_teacher(folder, "ddpm-eps"))
     out = export_diffusers(model, tmp_path / "export", steps=[1, 2])
     assert {p.name for p in out.iterdir()} == {"transformer", "scheduler"}
     assert load_diffusers_teacher(out, "ddpm-eps").num_classes == 10  # the export loads back
-    labels = torch.tensor([1, 5, 9])
-    for steps in (1, 2):
-        g = torch.Generator().manual_seed(6)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        diffusers_loop = sample_exported(out, noise, steps, generator=g, class_labels=labels)
-        g = torch.Generator().manual_seed(6)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        times = default_times(model.param, steps)
-        sigma_max = model.param.alpha_sigma(torch.tensor([times[0]]))[1]
-        ours = consistency_sample(model, model.param, noise / sigma_max, times, generator=g, y=labels)
-        torch.testing.assert_close(diffusers_loop, ours, rtol=1e-5, atol=1e-5)
+    assert_diffusers_samples_as_kdlib(model, out, (1, 2), torch.tensor([1, 5, 9]), seed=6)
