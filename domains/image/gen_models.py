@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kdlib.diffusion.guidance import labels_with_null
+from kdlib.nn import DiT, DiTConfig
 from kdlib.nn.embeddings import TimestepEmbedder
 
 
@@ -133,8 +134,6 @@ class DiTDenoiser(nn.Module):
                  heads: int = 4, patch_size: int = 4, num_classes: int = 10, parameterisation: str = "fm",
                  time_scale: float = 1000.0):
         super().__init__()
-        from kdlib.nn import DiT, DiTConfig
-
         if any(side % patch_size for side in shape[1:]):
             raise ValueError(f"DiTDenoiser: image size {tuple(shape[1:])} is not a multiple of patch_size {patch_size}")
         self.shape, self.num_classes, self.parameterisation = tuple(shape), num_classes, parameterisation
